@@ -1,0 +1,41 @@
+"""What the trunk knows about each branch: widths, stride and layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class BranchSpec:
+    """What a scheme knows about branch ``i``: widths, stride and tensor layout.
+
+    Attributes:
+        in_dim: channels (``layout="conv"``) or features (``layout="features"``) the branch reads.
+        out_dim: channels or features the branch writes.
+        stride: spatial stride of the branch (conv layout only).
+        layout: ``"conv"`` for ``(N, C, H, W)`` maps, ``"features"`` for ``(..., C)`` vectors/tokens.
+    """
+
+    in_dim: int
+    out_dim: int
+    stride: int = 1
+    layout: str = "conv"
+
+    def __post_init__(self) -> None:
+        if self.in_dim <= 0 or self.out_dim <= 0 or self.stride <= 0:
+            raise ValueError(f"branch sizes must be positive, got {self}")
+        if self.layout not in ("conv", "features"):
+            raise ValueError(f"unknown layout {self.layout!r}; expected 'conv' or 'features'")
+        if self.layout == "features" and self.stride != 1:
+            raise ValueError("a 'features' branch cannot have a stride")
+
+    @property
+    def changes_shape(self) -> bool:
+        """True when the branch output cannot be added to its input as it is."""
+        return self.in_dim != self.out_dim or self.stride != 1
+
+    def channel_view(self, v: Tensor) -> Tensor:
+        """Reshape a per-channel vector so it broadcasts against this branch's output."""
+        return v.view(-1, 1, 1) if self.layout == "conv" else v

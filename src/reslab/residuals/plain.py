@@ -1,0 +1,31 @@
+"""Plain: no skip path at all, ``x_{l+1} = post(F_l(x_l))``.
+
+The plain twin of every family (He et al. 2015, arXiv 1512.03385, section 4.1: "plain networks"): the same
+branches stacked with no shortcut. Deleting branch ``i`` (a lesion) passes its input on unchanged, zero-padded
+and subsampled where the branch changes shape, so "remove layer i" means exactly that.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from reslab.residuals.base import Capabilities, ParameterFreeSkip, ResidualScheme, register_residual
+
+
+@register_residual("plain", paper="He et al. 2015, arXiv 1512.03385 (plain baseline)")
+class Plain(ResidualScheme):
+    """``x_{l+1} = post(F_l(x_l))``: every branch replaces the stream."""
+
+    capabilities = Capabilities(uses_shortcut=False)
+
+    def __init__(self, specs, shortcut=None, post=None) -> None:
+        super().__init__(specs, shortcut=shortcut, post=post)
+        self.lesion_skips = nn.ModuleList(ParameterFreeSkip(s) for s in self.specs)
+
+    def write(self, state: Tensor, i: int, out: Tensor, h: Tensor) -> Tensor:
+        if self.tap is not None:
+            self.tap("contribution", i, out)
+        return self.post(out)
+
+    def skip(self, state: Tensor, i: int) -> Tensor:
+        return self.lesion_skips[i](state)
