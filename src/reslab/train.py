@@ -1,0 +1,322 @@
+"""The one training loop of reslab: seeded, checkpointed every epoch, resumable with identical numbers.
+
+A run directory holds::
+
+    config.json      the resolved TrainConfig and the model's config
+    env.json         versions, git revision, device
+    metrics.jsonl    one line per epoch (train loss/error, test loss/error, learning rate, wall time)
+    checkpoint.pt    model, optimiser, RNG state and metrics after the last finished epoch
+    result.json      status ("running", "completed" or "diverged") and the final metrics
+
+Data order and augmentation are drawn from generators seeded by ``(seed, epoch)``, and the global RNG state
+(used by dropout) is saved in every checkpoint, so ``resume=True`` after a kill ends with the same metrics as
+an uninterrupted run. A non-finite loss stops the run and records it as diverged at that step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from reslab import runs
+from reslab.data import Dataset, load_dataset
+from reslab.models import ResidualNet, create_model
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run.
+
+    Attributes:
+        model, residual, shortcut, zero_init_last, residual_kwargs, model_kwargs: passed to
+            :func:`reslab.create_model`.
+        data: dataset spec for :func:`reslab.data.load_dataset` (``mnist1d``, ``digits``, ``cifar10:DIR``...).
+        optimizer: ``sgd`` (momentum, optional Nesterov), ``adam`` or ``adamw``.
+        schedule: ``constant``, ``step`` (multiply by ``gamma`` at each epoch in ``milestones``) or ``cosine``.
+        warmup_steps: iterations of warm-up before the schedule starts. With ``warmup_lr`` set, the rate is that
+            constant during warm-up and then **returns** to ``lr`` (He et al. 2015's ResNet-110 recipe);
+            without it the rate ramps linearly from 0 to ``lr``.
+        eval_train: also evaluate the full training set in eval mode after each epoch.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        amp: bfloat16 autocast on CUDA.
+    """
+
+    model: str = "mlp20"
+    residual: str = "identity"
+    shortcut: str | None = None
+    zero_init_last: bool = False
+    residual_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: str = "mnist1d"
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    milestones_are_fractions: bool = True
+    gamma: float = 0.1
+    warmup_steps: int = 0
+    warmup_lr: float | None = None
+    seed: int = 0
+    eval_train: bool = True
+    device: str = "auto"
+    amp: bool = False
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` with one clear line for any invalid field."""
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_steps and weight_decay must be non-negative")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training option {unknown[0]!r}")
+        return cls(**d)
+
+
+@dataclass
+class RunResult:
+    """Outcome of :func:`train`."""
+
+    out_dir: Path
+    status: str
+    metrics: list[dict[str, Any]]
+    diverged_step: int | None = None
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.metrics[-1] if self.metrics else {}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def build_model(cfg: TrainConfig, data: Dataset) -> ResidualNet:
+    """The model a config describes, sized for ``data``; initialised from ``cfg.seed``."""
+    torch.manual_seed(cfg.seed)
+    return create_model(cfg.model, cfg.residual, cfg.shortcut, num_classes=data.num_classes,
+                        input_shape=data.input_shape, zero_init_last=cfg.zero_init_last,
+                        residual_kwargs=cfg.residual_kwargs, **cfg.model_kwargs)
+
+
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at iteration ``step`` (0-based)."""
+    if step < cfg.warmup_steps:
+        if cfg.warmup_lr is not None:
+            return cfg.warmup_lr
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "cosine":
+        t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(1.0, t)))
+    if cfg.schedule == "step":
+        epoch = step / steps_per_epoch
+        marks = [m * cfg.epochs if cfg.milestones_are_fractions else m for m in cfg.milestones]
+        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in marks)
+    return cfg.lr
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, x: Tensor, y: Tensor, batch_size: int = 1000,
+             amp: bool = False) -> dict[str, float]:
+    """Mean cross-entropy and error rate of ``model`` on ``(x, y)`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum, wrong = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        xb, yb = data.prepare(x[i:i + batch_size], train=False), y[i:i + batch_size]
+        with _autocast(xb.device, amp):
+            logits = model(xb)
+        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
+        wrong += (logits.argmax(1) != yb).sum().item()
+    model.train(was_training)
+    n = max(1, len(y))
+    return {"loss": loss_sum / n, "error": wrong / n}
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> Iterator[tuple[Tensor, torch.Generator]]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g)
+    for i in range(0, n, batch_size):
+        yield order[i:i + batch_size], g
+
+
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bool = False,
+          data: Dataset | None = None) -> RunResult:
+    """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its last checkpoint.
+
+    Raises:
+        ValueError: invalid config, unknown names, an existing run without ``resume``, or a ``resume`` whose
+            stored config differs. Nothing is created on disk before the config has been checked.
+    """
+    out = Path(out_dir)
+    cfg.validate()
+    stored = out / "config.json"
+    if stored.exists():
+        if not resume:
+            raise ValueError(f"run directory {out} already holds a run; pass resume to continue it")
+        old = runs.read_json(stored)["train"]
+        if old != _config_json(cfg):
+            diff = sorted(k for k in old if old.get(k) != _config_json(cfg).get(k))
+            raise ValueError(f"cannot resume {out}: its stored config differs in {', '.join(diff)}")
+        result = runs.read_json(out / "result.json") if (out / "result.json").exists() else {}
+        if result.get("status") in ("completed", "diverged"):
+            return RunResult(out, result["status"], runs.read_jsonl(out / "metrics.jsonl"),
+                             result.get("diverged_step"))
+    device = resolve_device(cfg.device)
+    data = data if data is not None else load_dataset(cfg.data)
+    model = build_model(cfg, data).to(device)
+    opt = make_optimizer(cfg, model)
+
+    metrics: list[dict[str, Any]] = []
+    start_epoch, step = 0, 0
+    ckpt_path = out / "checkpoint.pt"
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start_epoch, step, metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
+        torch.set_rng_state(ckpt["rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        runs.write_json(stored, {"train": _config_json(cfg), "model": model.config})
+        runs.write_json(out / "env.json", runs.environment(device))
+        torch.manual_seed(cfg.seed)
+    runs.write_json(out / "result.json", {"status": "running", "epoch": start_epoch})
+
+    x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
+    x_te, y_te = data.x_test.to(device), data.y_test.to(device)
+    n = len(y_tr)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, disable=quiet, leave=False,
+               desc=f"{cfg.model}/{cfg.residual} s{cfg.seed}", unit="step", dynamic_ncols=True)
+    diverged_step: int | None = None
+    with _deterministic():
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            wrong = torch.zeros((), device=device, dtype=torch.long)
+            for idx, gen in _epoch_batches(n, cfg.batch_size, cfg.seed, epoch):
+                idx = idx.to(device)
+                xb, yb = data.prepare(x_tr[idx], train=True, generator=gen), y_tr[idx]
+                lr = lr_at(cfg, step, steps_per_epoch)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                with _autocast(device, cfg.amp):
+                    logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb)
+                step += 1
+                if not torch.isfinite(loss):
+                    diverged_step = step
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach() * len(yb)
+                wrong += (logits.detach().argmax(1) != yb).sum()
+                bar.update(1)
+            if diverged_step is not None:
+                break
+            row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lr,
+                                   "train_loss": loss_sum.item() / n, "train_error": wrong.item() / n}
+            if cfg.eval_train:
+                ev = evaluate(model, data, x_tr, y_tr, amp=cfg.amp)
+                row.update(train_eval_loss=ev["loss"], train_eval_error=ev["error"])
+            ev = evaluate(model, data, x_te, y_te, amp=cfg.amp)
+            row.update(test_loss=ev["loss"], test_error=ev["error"], time_s=time.perf_counter() - t0)
+            metrics.append(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_err=f"{row['test_error']:.3f}")
+            runs.write_jsonl(out / "metrics.jsonl", metrics)
+            runs.save_torch(ckpt_path, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step,
+                "metrics": metrics, "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+    bar.close()
+    status = "diverged" if diverged_step is not None else "completed"
+    runs.write_json(out / "result.json", {"status": status, "diverged_step": diverged_step,
+                                          "epochs_done": len(metrics), "final": metrics[-1] if metrics else None})
+    return RunResult(out, status, metrics, diverged_step)
+
+
+def _config_json(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as it reads back from JSON (tuples become lists)."""
+    import json
+
+    return json.loads(json.dumps(asdict(cfg), default=list))
+
+
+def load_model(run_dir: Path | str, map_location: str | torch.device = "cpu") -> tuple[ResidualNet, TrainConfig]:
+    """Rebuild a run's model from its config and load the last checkpoint's weights."""
+    run = Path(run_dir)
+    if not (run / "config.json").exists():
+        raise ValueError(f"{run} is not a reslab run directory (no config.json)")
+    cfg = TrainConfig.from_dict(runs.read_json(run / "config.json")["train"])
+    model = create_model(**runs.read_json(run / "config.json")["model"])
+    ckpt = torch.load(run / "checkpoint.pt", map_location=map_location, weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    return model, cfg
+
+
+__all__ = ["RunResult", "TrainConfig", "build_model", "evaluate", "load_model", "lr_at", "train"]

@@ -1,0 +1,103 @@
+"""Contract tests over both registries: every scheme x every family, picked up with no edit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reslab
+from reslab.models import list_families
+
+from conftest import TINY_FAMILIES, tiny_input, tiny_model
+
+SCHEMES = reslab.list_residuals()
+FAMILIES = list(TINY_FAMILIES)
+
+
+def test_every_family_has_a_tiny_instance():
+    assert {f.name for f in list_families()} == {n.rstrip("0123456789") for n in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_output_shape_and_finite(family, scheme):
+    m = tiny_model(family, scheme)
+    y = m(tiny_input(family))
+    assert y.shape == (6, 5)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_every_parameter_gets_a_gradient(family, scheme):
+    torch.manual_seed(0)
+    m = tiny_model(family, scheme)
+    perturb(m)
+    m(tiny_input(family)).logsumexp(1).sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert p.grad.abs().sum() > 0, f"{name} got an all-zero gradient"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_same_seed_same_model(family, scheme):
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        m = tiny_model(family, scheme).eval()
+        outs.append(m(tiny_input(family)))
+    assert torch.equal(outs[0], outs[1])
+    torch.manual_seed(124)
+    other = tiny_model(family, scheme).eval()(tiny_input(family))
+    assert not torch.equal(outs[0], other)
+
+
+def perturb(model):
+    """Move every parameter off its special init (zero alphas, zero-init scales), so that nothing is zero
+    or switched off by construction."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p + 0.3 * torch.randn_like(p))
+
+
+def _zero_branches(model):
+    """Make every branch output exactly zero (forward hooks), whatever the scheme."""
+    return [b.register_forward_hook(lambda mod, inp, out: torch.zeros_like(out)) for b in model.trunk.branches]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_twin_has_no_skip_path(family):
+    """With every branch silenced, the plain twin's output no longer depends on its input; the residual
+    net's still does (through its skip path)."""
+    torch.manual_seed(0)
+    res = tiny_model(family, "identity").eval()
+    twin = reslab.plain_twin(res).eval()
+    assert twin.config["residual"] == "plain"
+    for model, has_skip in ((res, True), (twin, False)):
+        _zero_branches(model)
+        y1, y2 = model(tiny_input(family, seed=1)), model(tiny_input(family, seed=2))
+        assert (not torch.allclose(y1, y2)) == has_skip
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_twin_same_branches(family):
+    res = tiny_model(family, "identity")
+    twin = reslab.plain_twin(res)
+    shapes = lambda m: [p.shape for p in m.trunk.branches.parameters()]  # noqa: E731
+    assert shapes(res) == shapes(twin)
+    assert sum(p.numel() for p in twin.trunk.scheme.parameters()) == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_lesioning_nothing_changes_nothing(family, scheme):
+    torch.manual_seed(0)
+    m = tiny_model(family, scheme).eval()
+    perturb(m)
+    x = tiny_input(family)
+    y = m(x)
+    m.trunk.set_lesion([])
+    assert torch.equal(m(x), y)
+    m.trunk.set_lesion([1])
+    assert not torch.equal(m(x), y)
