@@ -1,0 +1,148 @@
+"""The degradation problem: deeper plain nets reach higher *training* error; residual nets do not.
+
+He et al. 2015 (arXiv 1512.03385), Fig. 6 and Table 2. Measured here on MNIST-1D with MLPs (``mlp`` family,
+post-activation two-layer branches, BatchNorm) at several depths: the plain twin (``residual="plain"``)
+against the identity residual, both without zero-initialised branches, plus the residual net with the last
+BN of each branch zero-initialised (Goyal et al. 2017), which the plain twin cannot use. Training error is
+the error on the whole training set in eval mode after the last epoch, averaged over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reslab import runs
+from reslab.experiments.base import Claim, ClaimResult, register_claim
+from reslab.report.plots import new_figure, save_figure
+from reslab.train import TrainConfig
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": dict(residual="plain", zero_init_last=False),
+    "residual": dict(residual="identity", zero_init_last=False),
+    "residual-zero-init": dict(residual="identity", zero_init_last=True),
+}
+LABELS = {"plain": "plain", "residual": "residual", "residual-zero-init": "residual, zero-init last BN"}
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": dict(depths=(4, 8), seeds=3, epochs=2, data="mnist1d:1000", width=32),
+    "quick": dict(depths=(8, 20, 56), seeds=3, epochs=10, data="mnist1d", width=128),
+    "full": dict(depths=(8, 20, 32, 56, 110), seeds=5, epochs=30, data="mnist1d:10000", width=128),
+}
+
+
+def plan(profile: str) -> dict[str, TrainConfig]:
+    """Every run of the claim: variant x depth x seed."""
+    p = PROFILES[profile]
+    out: dict[str, TrainConfig] = {}
+    for variant, v in VARIANTS.items():
+        for depth in p["depths"]:
+            for seed in range(p["seeds"]):
+                out[f"{variant}-d{depth}-s{seed}"] = TrainConfig(
+                    model=f"mlp{depth}", model_kwargs={"width": p["width"]}, data=p["data"], epochs=p["epochs"],
+                    batch_size=128, optimizer="adam", lr=1e-3, seed=seed, **v)
+    return out
+
+
+def _final(out: Path, rid: str) -> dict[str, Any]:
+    result = runs.read_json(out / "runs" / rid / "result.json")
+    metrics = runs.read_jsonl(out / "runs" / rid / "metrics.jsonl")
+    if result["status"] == "diverged" or not metrics:
+        return {"train_eval_error": math.nan, "test_error": math.nan, "curve": [m["train_error"] for m in metrics]}
+    return {**metrics[-1], "curve": [m["train_error"] for m in metrics]}
+
+
+def _compare(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Difference of means ``mean(b) - mean(a)`` and its standard error."""
+    a_, b_ = np.asarray(a), np.asarray(b)
+    se = math.sqrt(a_.var(ddof=1) / len(a_) + b_.var(ddof=1) / len(b_)) if len(a_) > 1 else 0.0
+    return float(b_.mean() - a_.mean()), se
+
+
+def analyse(specs: dict[str, TrainConfig], out: Path) -> ClaimResult:
+    finals = {rid: _final(out, rid) for rid in specs}
+    depths = sorted({int(rid.split("-d")[1].split("-")[0]) for rid in specs})
+    errs: dict[tuple[str, int], list[float]] = {}
+    curves: dict[tuple[str, int], list[list[float]]] = {}
+    table = []
+    for variant in VARIANTS:
+        for d in depths:
+            ids = [rid for rid in specs if rid.startswith(f"{variant}-d{d}-")]
+            e = [finals[r]["train_eval_error"] for r in ids]
+            t = [finals[r]["test_error"] for r in ids]
+            errs[(variant, d)] = e
+            curves[(variant, d)] = [finals[r]["curve"] for r in ids]
+            table.append({"variant": LABELS[variant], "depth": d, "seeds": len(e),
+                          "train_error_mean": float(np.mean(e)), "train_error_std": float(np.std(e, ddof=1)),
+                          "test_error_mean": float(np.mean(t)), "diverged": int(np.isnan(e).sum())})
+    lo, hi = depths[0], depths[-1]
+
+    def check(name: str, a: list[float], b: list[float], expect: str) -> dict[str, Any]:
+        diff, se = _compare(a, b)
+        margin = max(2 * se, 0.01)
+        passed = diff > margin if expect == "higher" else diff <= margin
+        return {"check": name, "difference": diff, "se": se, "margin": margin, "passed": bool(passed)}
+
+    checks = [
+        check(f"plain-{hi} trains to higher error than plain-{lo}", errs[("plain", lo)], errs[("plain", hi)],
+              "higher"),
+        check(f"residual-{hi} trains no worse than residual-{lo}", errs[("residual", lo)], errs[("residual", hi)],
+              "not higher"),
+        check(f"plain-{hi} trains to higher error than residual-{hi}", errs[("residual", hi)],
+              errs[("plain", hi)], "higher"),
+        check(f"residual-{hi} with zero-init last BN trains no worse than at depth {lo} (informative)",
+              errs[("residual-zero-init", lo)], errs[("residual-zero-init", hi)], "not higher"),
+    ]
+    core = [c["passed"] for c in checks[:3]]
+    verdict = ("reproduced" if all(core) else "partly reproduced" if core[0] and (core[1] or core[2])
+               else "not reproduced")
+    m = {k: float(np.mean(v)) for k, v in errs.items()}
+    summary = (f"Final training error (eval mode, whole training set, mean over seeds): plain "
+               + ", ".join(f"{d}: {100 * m[('plain', d)]:.1f}%" for d in depths)
+               + "; residual " + ", ".join(f"{d}: {100 * m[('residual', d)]:.1f}%" for d in depths)
+               + "; residual with zero-init last BN "
+               + ", ".join(f"{d}: {100 * m[('residual-zero-init', d)]:.1f}%" for d in depths)
+               + ". A difference counts when it exceeds max(2 standard errors, 1 point); the verdict needs the "
+               "first three checks.")
+    figures = [_plot(depths, errs, curves, out)]
+    return ClaimResult(verdict, summary, checks, table, figures)
+
+
+def _plot(depths: list[int], errs: dict, curves: dict, out: Path) -> str:
+    fig, (ax1, ax2) = new_figure(2)
+    colors = {"plain": "tab:red", "residual": "tab:blue", "residual-zero-init": "tab:green"}
+    for variant in VARIANTS:
+        means = [100 * np.mean(errs[(variant, d)]) for d in depths]
+        stds = [100 * np.std(errs[(variant, d)], ddof=1) for d in depths]
+        ax1.errorbar(depths, means, yerr=stds, marker="o", capsize=3, color=colors[variant], label=LABELS[variant])
+    ax1.set(xlabel="depth (weight layers)", ylabel="final training error (%)", xscale="log",
+            title="Training error vs depth")
+    ax1.set_xticks(depths, [str(d) for d in depths])
+    ax1.legend()
+    styles = ["-", "--", ":", "-.", (0, (1, 1))]
+    for variant in ("plain", "residual"):
+        for j, d in enumerate(depths):
+            c = np.nanmean(np.asarray(curves[(variant, d)], dtype=float), axis=0) * 100
+            ax2.plot(np.arange(1, len(c) + 1), c, linestyle=styles[j % len(styles)], color=colors[variant],
+                     label=f"{variant}-{d}")
+    ax2.set(xlabel="epoch", ylabel="training error during epoch (%)", title="Training curves (mean over seeds)")
+    ax2.legend(fontsize=7, ncol=2)
+    name = "degradation.png"
+    save_figure(fig, out / name)
+    return name
+
+
+CLAIM = register_claim(Claim(
+    name="degradation",
+    title="The degradation problem",
+    statement=("\"plain deep networks fail to match their shallower counterparts: a 56-layer plain CNN has "
+               "higher training error than a 20-layer one\"; residual connections remove this."),
+    published=("He et al. 2015 (Fig. 6, Table 2): on CIFAR-10 plain-56 trains to higher error than plain-20, "
+               "plain-110 above 60%; on ImageNet plain-34 28.54% vs plain-18 27.94% top-1 error, while ResNet-34 "
+               "(option A) reaches 25.03%."),
+    runs=plan,
+    analyse=analyse,
+))

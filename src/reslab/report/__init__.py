@@ -1,0 +1,1 @@
+"""Plots and the Markdown / HTML report, built only from saved run artifacts."""
