@@ -42,9 +42,9 @@ def write_bytes(path: Path | str, data: bytes) -> None:
     _atomic(Path(path), lambda f: f.write(data))
 
 
-def write_json(path: Path | str, obj: Any) -> None:
+def write_json(path: Path | str, obj: Any, sort_keys: bool = True) -> None:
     """Write ``obj`` as indented JSON, atomically."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=_jsonable) + "\n")
 
 
 def write_jsonl(path: Path | str, rows: Iterable[dict[str, Any]]) -> None:

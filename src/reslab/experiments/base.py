@@ -114,7 +114,7 @@ def run_claim(claim: Claim, profile: str, out: Path, jobs: int | None = None, qu
     result = claim.analyse(specs, out)
     runs.write_json(out / "claim.json", {"claim": claim.name, "profile": profile, "verdict": result.verdict,
                                          "summary": result.summary, "checks": result.checks,
-                                         "table": result.table, "figures": result.figures})
+                                         "table": result.table, "figures": result.figures}, sort_keys=False)
     return result
 
 

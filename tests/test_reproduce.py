@@ -1,0 +1,63 @@
+"""``reslab reproduce``: end to end on the smoke profile, and verdicts computed from the measurements."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from reslab import runs
+from reslab.cli import main
+from reslab.experiments import get_claim
+from reslab.experiments.base import VERDICTS
+
+
+def test_reproduce_smoke_end_to_end_and_rerun_skips_finished_runs(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["reproduce", "--profile", "smoke", "--only", "degradation", "--out", str(out), "--jobs", "1",
+                 "--quiet"]) == 0
+    claim = runs.read_json(out / "claims" / "degradation" / "claim.json")
+    assert claim["verdict"] in VERDICTS
+    assert (out / "claims" / "degradation" / "degradation.png").stat().st_size > 1000
+    md = (out / "report.md").read_text()
+    assert "Verdict:" in md and claim["verdict"] in md and "28.54" in md
+    html = (out / "report.html").read_text()
+    assert "<img" in html and "data:image/png;base64," in html
+    # The table is the mean over seeds of what the runs wrote.
+    spec = get_claim("degradation").runs("smoke")
+    ids = [r for r in spec if r.startswith("plain-d8-")]
+    finals = [runs.read_jsonl(out / "claims" / "degradation" / "runs" / r / "metrics.jsonl")[-1] for r in ids]
+    row = next(r for r in claim["table"] if r["variant"] == "plain" and r["depth"] == 8)
+    assert row["train_error_mean"] == pytest.approx(sum(f["train_eval_error"] for f in finals) / len(finals))
+    # Rerunning trains nothing again.
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "claims" / "degradation" / "runs").glob("*/metrics.jsonl")}
+    assert main(["reproduce", "--profile", "smoke", "--only", "degradation", "--out", str(out), "--jobs", "1",
+                 "--quiet"]) == 0
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+
+def _fake_runs(out, errors):
+    """Write finished runs whose final training errors are given, as ``train`` would have."""
+    spec = get_claim("degradation").runs("smoke")
+    for rid in spec:
+        variant, depth, seed = rid.rsplit("-", 2)
+        e = errors[(variant, int(depth[1:]))] + 0.002 * int(seed[1:])
+        d = out / "runs" / rid
+        runs.write_jsonl(d / "metrics.jsonl", [{"epoch": 1, "train_error": e, "train_eval_error": e,
+                                                "test_error": e}])
+        runs.write_json(d / "result.json", {"status": "completed"})
+    return spec
+
+
+@pytest.mark.parametrize("plain_deep,res_deep,expected", [
+    (0.40, 0.10, "reproduced"),          # plain degrades, residual does not
+    (0.40, 0.30, "partly reproduced"),   # both degrade, residual less
+    (0.10, 0.10, "not reproduced"),      # nothing degrades
+])
+def test_degradation_verdict_follows_the_numbers(tmp_path, plain_deep, res_deep, expected):
+    errors = {("plain", 4): 0.10, ("plain", 8): plain_deep, ("residual", 4): 0.10, ("residual", 8): res_deep,
+              ("residual-zero-init", 4): 0.1, ("residual-zero-init", 8): 0.1}
+    spec = _fake_runs(tmp_path, errors)
+    result = get_claim("degradation").analyse(spec, tmp_path)
+    assert result.verdict == expected
+    assert math.isclose(result.checks[0]["difference"], plain_deep - 0.10, abs_tol=1e-9)
