@@ -118,9 +118,8 @@ def _plot(depths: list[int], errs: dict, curves: dict, out: Path) -> str:
         means = [100 * np.mean(errs[(variant, d)]) for d in depths]
         stds = [100 * np.std(errs[(variant, d)], ddof=1) for d in depths]
         ax1.errorbar(depths, means, yerr=stds, marker="o", capsize=3, color=colors[variant], label=LABELS[variant])
-    ax1.set(xlabel="depth (weight layers)", ylabel="final training error (%)", xscale="log",
-            title="Training error vs depth")
-    ax1.set_xticks(depths, [str(d) for d in depths])
+    ax1.set(xlabel="depth (weight layers)", ylabel="final training error (%)", title="Training error vs depth")
+    ax1.set_xticks(depths)
     ax1.legend()
     styles = ["-", "--", ":", "-.", (0, (1, 1))]
     for variant in ("plain", "residual"):
