@@ -231,7 +231,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
     start_epoch, step = 0, 0
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start_epoch, step, metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
