@@ -100,13 +100,17 @@ def analyse(specs: dict[str, TrainConfig], out: Path) -> ClaimResult:
     verdict = ("reproduced" if all(core) else "partly reproduced" if core[0] and (core[1] or core[2])
                else "not reproduced")
     m = {k: float(np.mean(v)) for k, v in errs.items()}
-    summary = (f"Final training error (eval mode, whole training set, mean over seeds): plain "
-               + ", ".join(f"{d}: {100 * m[('plain', d)]:.1f}%" for d in depths)
-               + "; residual " + ", ".join(f"{d}: {100 * m[('residual', d)]:.1f}%" for d in depths)
-               + "; residual with zero-init last BN "
-               + ", ".join(f"{d}: {100 * m[('residual-zero-init', d)]:.1f}%" for d in depths)
+
+    def trend(variant: str) -> str:
+        seq = " -> ".join(f"{100 * m[(variant, d)]:.1f}%" for d in depths)
+        diff = m[(variant, hi)] - m[(variant, lo)]
+        word = "rises" if diff > 0.01 else "falls" if diff < -0.01 else "stays flat"
+        return f"{LABELS[variant]}: {seq} ({word} with depth)"
+
+    summary = (f"Final training error (eval mode, whole training set, mean of {len(errs[('plain', lo)])} seeds) at "
+               f"depths {', '.join(map(str, depths))}: " + "; ".join(trend(v) for v in VARIANTS)
                + ". A difference counts when it exceeds max(2 standard errors, 1 point); the verdict needs the "
-               "first three checks.")
+               "first three checks, the fourth shows what zero-initialising each branch's last BN changes.")
     figures = [_plot(depths, errs, curves, out)]
     return ClaimResult(verdict, summary, checks, table, figures)
 
