@@ -9,12 +9,17 @@ Families build branches; the scheme owns the rule; the trunk runs::
         state = scheme.write(state, i, out, h)
     y = scheme.end(state)
 
-Taps: when a recorder ``tap(name, i, tensor)`` is attached the trunk reports ``resid_pre``, ``branch_in``,
-``branch_out`` and ``resid_post`` at each depth and ``final`` once (index = number of branches); the scheme
-reports ``contribution`` and ``mix``. With no recorder attached nothing is stored or computed.
+Taps. At each depth ``i`` the trunk reports ``resid_pre``, ``branch_in``, ``branch_out`` and ``resid_post``, the
+scheme reports ``contribution`` (what was actually added, after gates and scales) and ``mix`` (gates, mixing
+weights), and ``final`` is reported once with index ``len(trunk)``. They reach an attached recorder
+(:meth:`Trunk.set_tap`, or ``reslab.diagnostics.record``) and the TransformerLens-style hook points
+``trunk.blocks.{i}.hook_resid_pre`` ... ``trunk.hook_final``, so that a plain ``register_forward_hook`` on a
+hook point sees the tensor. Hooks observe: a value they return is ignored. With no recorder attached and no
+hook registered, nothing is stored or computed.
 
-Lesions: branches listed in :attr:`Trunk.lesioned` are deleted at run time; the scheme's ``skip`` decides
-what the state becomes without them, so "remove block i" means the right thing for every scheme.
+Lesions and reordering. Branches in :attr:`Trunk.lesioned` are deleted at run time and the scheme's ``skip``
+decides what the state becomes without them, so "remove block i" is right for every scheme;
+:meth:`Trunk.set_order` runs the blocks in another order (each block keeps its own parameters).
 """
 
 from __future__ import annotations
@@ -24,6 +29,21 @@ from typing import Iterable, Sequence
 from torch import Tensor, nn
 
 from reslab.residuals.base import ResidualScheme, Tap
+
+BLOCK_TAPS = ("resid_pre", "branch_in", "branch_out", "contribution", "resid_post", "mix")
+
+
+class HookPoint(nn.Identity):
+    """A named place in the trunk where ``register_forward_hook`` sees a tapped tensor."""
+
+
+class BlockHooks(nn.Module):
+    """The hook points of one depth: ``hook_resid_pre``, ``hook_branch_in``, ... ``hook_mix``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in BLOCK_TAPS:
+            self.add_module(f"hook_{name}", HookPoint())
 
 
 class Trunk(nn.Module):
@@ -40,23 +60,29 @@ class Trunk(nn.Module):
             raise ValueError(f"scheme was built for {len(scheme.specs)} branches, got {len(branches)}")
         self.branches = nn.ModuleList(branches)
         self.scheme = scheme
+        self.blocks = nn.ModuleList(BlockHooks() for _ in branches)
+        self.hook_final = HookPoint()
+        self._hook_points = [m for m in self.modules() if isinstance(m, HookPoint)]
         self.lesioned: frozenset[int] = frozenset()
-        self.tap: Tap | None = None
+        self.order: tuple[int, ...] | None = None
+        self.recorder: Tap | None = None
 
     def __len__(self) -> int:
         return len(self.branches)
 
     def forward(self, x: Tensor) -> Tensor:
-        scheme, tap, lesioned = self.scheme, self.tap, self.lesioned
+        scheme, lesioned = self.scheme, self.lesioned
+        tap = self._tap()
+        scheme.tap = tap
         state = scheme.begin(x)
-        for i, branch in enumerate(self.branches):
+        for i in self.order if self.order is not None else range(len(self.branches)):
             if tap is not None:
                 tap("resid_pre", i, scheme.stream(state))
             if lesioned and i in lesioned:
                 state = scheme.skip(state, i)
             else:
                 h = scheme.read(state, i)
-                out = branch(h)
+                out = self.branches[i](h)
                 if tap is not None:
                     tap("branch_in", i, h)
                     tap("branch_out", i, out)
@@ -68,10 +94,25 @@ class Trunk(nn.Module):
             tap("final", len(self.branches), y)
         return y
 
+    def _tap(self) -> Tap | None:
+        """The function taps go to in this forward pass, or ``None`` when nobody listens."""
+        hooked = any(h._forward_hooks or h._forward_pre_hooks for h in self._hook_points)
+        if not hooked:
+            return self.recorder
+        recorder = self.recorder
+
+        def emit(name: str, i: int, value: Tensor) -> None:
+            if recorder is not None:
+                recorder(name, i, value)
+            point = self.hook_final if name == "final" else getattr(self.blocks[i], f"hook_{name}")
+            if point._forward_hooks or point._forward_pre_hooks:
+                point(value)
+
+        return emit
+
     def set_tap(self, tap: Tap | None) -> None:
-        """Attach (or with ``None`` detach) a recorder to the trunk and its scheme."""
-        self.tap = tap
-        self.scheme.tap = tap
+        """Attach (or with ``None`` detach) a recorder ``tap(name, i, tensor)``."""
+        self.recorder = tap
 
     def set_lesion(self, blocks: Iterable[int] = ()) -> None:
         """Delete the given branches at run time (an empty set restores the full net)."""
@@ -80,3 +121,22 @@ class Trunk(nn.Module):
         if bad:
             raise ValueError(f"cannot lesion block {bad[0]}: the trunk has {len(self.branches)} blocks")
         self.lesioned = blocks
+
+    def set_order(self, order: Sequence[int] | None = None) -> None:
+        """Run the blocks in ``order`` (a permutation of ``range(len(self))``); ``None`` restores depth order.
+
+        Raises:
+            ValueError: not a permutation, or one that moves a block to a position whose input or output
+                shape differs (e.g. across a downsampling stage boundary).
+        """
+        if order is None:
+            self.order = None
+            return
+        order = tuple(int(i) for i in order)
+        if sorted(order) != list(range(len(self.branches))):
+            raise ValueError(f"order must be a permutation of 0..{len(self.branches) - 1}, got {order}")
+        specs = self.scheme.specs
+        for pos, i in enumerate(order):
+            if specs[i] != specs[pos]:
+                raise ValueError(f"block {i} ({specs[i]}) cannot run at position {pos} ({specs[pos]})")
+        self.order = None if order == tuple(range(len(order))) else order

@@ -117,12 +117,6 @@ class ResidualScheme(nn.Module):
         """The residual stream held in ``state`` as one tensor, for taps."""
         return state
 
-    # --- helpers for subclasses -------------------------------------------------------------
-    def emit(self, name: str, i: int, value: Tensor) -> None:
-        """Report a named tensor (``contribution``, ``mix``) to an attached recorder."""
-        if self.tap is not None:
-            self.tap(name, i, value)
-
     def extra_repr(self) -> str:
         return f"branches={len(self.specs)}, shortcut={self.shortcut_option}"
 

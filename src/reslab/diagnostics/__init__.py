@@ -1,0 +1,1 @@
+"""Diagnostics: small measurements that read the trunk's taps and return arrays."""

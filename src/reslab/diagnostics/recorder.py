@@ -1,0 +1,96 @@
+"""The recorder: collects the trunk's taps, and the gradient that flows back into the stream at each depth.
+
+Usage::
+
+    with record(model, names=("resid_pre", "branch_out"), grads=True) as rec:
+        loss = criterion(model(x), y)
+        loss.backward()
+    rec.get("branch_out")       # list over depth of tensors, batches concatenated
+    rec.grads()                 # list over depth of dL/d(resid_pre_i)
+
+``reduce`` turns each tapped tensor into something smaller before it is kept (e.g. per-sample norms), so a
+recorder can run over a whole dataset. The context manager always detaches, also on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from reslab.trunk import BLOCK_TAPS, Trunk
+
+Reduce = Callable[[str, int, Tensor], Tensor]
+
+
+class Recorder:
+    """Keeps (optionally reduced) copies of tapped tensors per ``(name, depth)``.
+
+    Args:
+        names: taps to keep (default: all). ``final`` is kept under depth ``len(trunk)``.
+        reduce: ``reduce(name, i, tensor) -> tensor`` applied before keeping (detached first).
+        grads: also capture ``dL/d(resid_pre_i)`` during backward (needs a graph through the stream).
+        grad_reduce: reduction applied to each captured gradient.
+    """
+
+    def __init__(self, names: Iterable[str] | None = None, reduce: Reduce | None = None, grads: bool = False,
+                 grad_reduce: Reduce | None = None) -> None:
+        self.names = frozenset(names) if names is not None else frozenset((*BLOCK_TAPS, "final"))
+        unknown = self.names - {*BLOCK_TAPS, "final"}
+        if unknown:
+            raise ValueError(f"unknown tap {sorted(unknown)[0]!r}; taps: {', '.join((*BLOCK_TAPS, 'final'))}")
+        self.reduce, self.want_grads, self.grad_reduce = reduce, grads, grad_reduce
+        self._data: dict[tuple[str, int], list[Tensor]] = defaultdict(list)
+        self._grads: dict[int, list[Tensor]] = defaultdict(list)
+
+    def __call__(self, name: str, i: int, value: Tensor) -> None:
+        if self.want_grads and name == "resid_pre" and value.requires_grad:
+            value.register_hook(lambda g, i=i: self._keep_grad(i, g))
+        if name in self.names:
+            v = value.detach()
+            self._data[(name, i)].append(self.reduce(name, i, v) if self.reduce is not None else v)
+
+    def _keep_grad(self, i: int, g: Tensor) -> None:
+        g = g.detach()
+        self._grads[i].append(self.grad_reduce("grad", i, g) if self.grad_reduce is not None else g)
+
+    def get(self, name: str) -> list[Tensor]:
+        """Tensors tapped under ``name``, one per depth (in depth order), batches concatenated along dim 0."""
+        depths = sorted(i for (n, i) in self._data if n == name)
+        return [torch.cat(self._data[(name, i)]) for i in depths]
+
+    def grads(self) -> list[Tensor]:
+        """``dL/d(resid_pre_i)`` per depth, batches concatenated along dim 0."""
+        return [torch.cat(self._grads[i]) for i in sorted(self._grads)]
+
+    def clear(self) -> None:
+        self._data.clear()
+        self._grads.clear()
+
+
+def trunk_of(model: nn.Module) -> Trunk:
+    """The trunk of a reslab model (or the trunk itself)."""
+    if isinstance(model, Trunk):
+        return model
+    trunk = getattr(model, "trunk", None)
+    if not isinstance(trunk, Trunk):
+        raise ValueError(f"{type(model).__name__} has no reslab trunk")
+    return trunk
+
+
+@contextlib.contextmanager
+def record(model: nn.Module, names: Iterable[str] | None = None, reduce: Reduce | None = None,
+           grads: bool = False, grad_reduce: Reduce | None = None) -> Iterator[Recorder]:
+    """Attach a :class:`Recorder` to ``model``'s trunk for the duration of the block."""
+    trunk = trunk_of(model)
+    if trunk.recorder is not None:
+        raise ValueError("a recorder is already attached to this trunk")
+    rec = Recorder(names, reduce, grads, grad_reduce)
+    trunk.set_tap(rec)
+    try:
+        yield rec
+    finally:
+        trunk.set_tap(None)
