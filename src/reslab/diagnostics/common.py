@@ -1,0 +1,46 @@
+"""Helpers shared by the diagnostics: channel axes, batch-statistics handling, error rates."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from reslab.diagnostics.recorder import trunk_of
+
+
+def channel_dim(model: nn.Module, i: int) -> int:
+    """Axis of the channels of block ``i``'s tensors: 1 for maps ``(N, C, H, W)``, -1 for features."""
+    return 1 if trunk_of(model).scheme.specs[i].layout == "conv" else -1
+
+
+def flat(t: Tensor) -> Tensor:
+    """``(N, ...) -> (N, D)``."""
+    return t.reshape(t.shape[0], -1)
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Run in the model's current mode and give back every buffer (BatchNorm statistics) and the mode after."""
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    training = model.training
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(buffers[k])
+        model.train(training)
+
+
+@torch.no_grad()
+def error_rate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 2000) -> float:
+    """Classification error of ``model`` (eval mode) on prepared inputs ``x``."""
+    training = model.training
+    model.eval()
+    wrong = sum(int((model(x[i:i + batch_size]).argmax(1) != y[i:i + batch_size]).sum())
+                for i in range(0, len(y), batch_size))
+    model.train(training)
+    return wrong / max(1, len(y))
