@@ -8,14 +8,18 @@ import pytest
 
 from reslab import runs
 from reslab.cli import main
-from reslab.experiments import get_claim
-from reslab.experiments.base import VERDICTS
+from reslab.experiments import get_claim, list_claims
+from reslab.experiments.base import VERDICTS, Context
 
 
 def test_reproduce_smoke_end_to_end_and_rerun_skips_finished_runs(tmp_path, capsys):
     out = tmp_path / "rep"
-    assert main(["reproduce", "--profile", "smoke", "--only", "degradation", "--out", str(out), "--jobs", "1",
-                 "--quiet"]) == 0
+    assert main(["reproduce", "--profile", "smoke", "--out", str(out), "--jobs", "1", "--quiet"]) == 0
+    for c in list_claims():
+        stored = runs.read_json(out / "claims" / c.name / "claim.json")
+        assert stored["verdict"] in VERDICTS and stored["checks"] and stored["table"]
+        assert all((out / "claims" / c.name / f).stat().st_size > 1000 for f in stored["figures"])
+        assert f"`{c.name}`" in (out / "report.md").read_text()
     claim = runs.read_json(out / "claims" / "degradation" / "claim.json")
     assert claim["verdict"] in VERDICTS
     assert (out / "claims" / "degradation" / "degradation.png").stat().st_size > 1000
@@ -26,11 +30,11 @@ def test_reproduce_smoke_end_to_end_and_rerun_skips_finished_runs(tmp_path, caps
     # The table is the mean over seeds of what the runs wrote.
     spec = get_claim("degradation").runs("smoke")
     ids = [r for r in spec if r.startswith("plain-d8-")]
-    finals = [runs.read_jsonl(out / "claims" / "degradation" / "runs" / r / "metrics.jsonl")[-1] for r in ids]
+    finals = [runs.read_jsonl(out / "runs" / r / "metrics.jsonl")[-1] for r in ids]
     row = next(r for r in claim["table"] if r["variant"] == "plain" and r["depth"] == 8)
     assert row["train_error_mean"] == pytest.approx(sum(f["train_eval_error"] for f in finals) / len(finals))
     # Rerunning trains nothing again.
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "claims" / "degradation" / "runs").glob("*/metrics.jsonl")}
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.jsonl")}
     assert main(["reproduce", "--profile", "smoke", "--only", "degradation", "--out", str(out), "--jobs", "1",
                  "--quiet"]) == 0
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
@@ -58,6 +62,6 @@ def test_degradation_verdict_follows_the_numbers(tmp_path, plain_deep, res_deep,
     errors = {("plain", 4): 0.10, ("plain", 8): plain_deep, ("residual", 4): 0.10, ("residual", 8): res_deep,
               ("residual-zero-init", 4): 0.1, ("residual-zero-init", 8): 0.1}
     spec = _fake_runs(tmp_path, errors)
-    result = get_claim("degradation").analyse(spec, tmp_path)
+    result = get_claim("degradation").analyse(Context(spec, tmp_path / "runs", tmp_path, "smoke"))
     assert result.verdict == expected
     assert math.isclose(result.checks[0]["difference"], plain_deep - 0.10, abs_tol=1e-9)

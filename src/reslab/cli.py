@@ -144,7 +144,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
         raise ValueError(f"--jobs must be positive, got {args.jobs}")
     out: Path = args.out
     for claim in claims:
-        result = run_claim(claim, args.profile, out / "claims" / claim.name, jobs=args.jobs, quiet=args.quiet)
+        result = run_claim(claim, args.profile, out, jobs=args.jobs, quiet=args.quiet)
         print(f"{claim.name}: {result.verdict}")
     meta = {"profile": args.profile, "reslab": reslab.__version__,
             "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M")}

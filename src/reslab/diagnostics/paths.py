@@ -254,10 +254,8 @@ def _fft(lin: _Linearised, g: Tensor, radius: float) -> Tensor:
     t = radius * torch.exp(2j * math.pi * torch.arange(m, dtype=torch.float64) / m)
     v = g.to(torch.complex128).unsqueeze(0).expand(m, *g.shape).clone()
     for i in reversed(range(len(lin))):
-        u = torch.complex(lin.post_vjp(i, torch.cat([v.real, v.imag])[:m]),
-                          lin.post_vjp(i, v.imag)) if False else _complex_post(lin, i, v)
-        tu = t.view(-1, *([1] * g.dim())) * u if u.dim() == g.dim() + 1 else None
-        tu = t.reshape(m, *([1] * (u.dim() - 1))) * u
+        u = _complex_post(lin, i, v)
+        tu = t.reshape(m, *([1] * (u.dim() - 1))) * u  # t J^T u = J^T (t u): VJPs are real-linear
         skip = None if lin.plain else torch.cat([u.real, u.imag])
         r = lin.vjp(i, skip, torch.cat([tu.real, tu.imag]))
         v = torch.complex(r[:m], r[m:])
@@ -267,6 +265,7 @@ def _fft(lin: _Linearised, g: Tensor, radius: float) -> Tensor:
 
 
 def _complex_post(lin: _Linearised, i: int, v: Tensor) -> Tensor:
+    """``D_i^T v`` for complex ``v``: real and imaginary parts in one batch."""
     m = v.shape[0]
     r = lin.post_vjp(i, torch.cat([v.real, v.imag]))
     return torch.complex(r[:m], r[m:])
@@ -301,8 +300,6 @@ def path_coefficients(trunk: Trunk, x0: Tensor, g: Tensor, method: str = "recurr
         raise ValueError(f"radius must be positive, got {radius}")
     lin = _Linearised(trunk, x0)
     g = lin.check_cotangent(g)
-    with torch.no_grad():
-        pass
     return _recurrence(lin, g) if method == "recurrence" else _fft(lin, g, radius)
 
 

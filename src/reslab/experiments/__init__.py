@@ -1,7 +1,7 @@
-"""One module per claim of the seed; each registers itself on import."""
+"""One module per claim of the seed; each registers itself on import, in report order."""
 
-from reslab.experiments.base import (PROFILES, Claim, ClaimResult, get_claim, list_claims, register_claim,
+from reslab.experiments.base import (PROFILES, Claim, ClaimResult, Context, get_claim, list_claims, register_claim,
                                      run_claim)
-from reslab.experiments import degradation  # noqa: F401
+from reslab.experiments import degradation, responses, gradient_highway, ensemble  # noqa: F401
 
-__all__ = ["PROFILES", "Claim", "ClaimResult", "get_claim", "list_claims", "register_claim", "run_claim"]
+__all__ = ["PROFILES", "Claim", "ClaimResult", "Context", "get_claim", "list_claims", "register_claim", "run_claim"]

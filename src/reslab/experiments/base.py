@@ -1,20 +1,24 @@
 """Claims: one experiment per claim of the seed, each a spec of runs plus an analysis with a verdict.
 
 A claim lists the training runs it needs for a profile (``smoke`` for tests, ``quick`` for ``make demo``,
-``full`` for the longer study), and an analysis that reads only the saved run artifacts and returns measured
-tables, figures and a verdict computed from those numbers. Runs are resumable: re-running ``reproduce`` on
-the same output directory skips finished runs and continues killed ones.
+``full`` for the longer study), and an analysis that reads only the saved run artifacts (and measures the saved
+checkpoints) and returns measured tables, figures and a verdict computed from those numbers. Runs live in one
+shared folder, ``OUT/runs/RUN_ID``, so claims that need the same trained models share them; a run id always
+names the same config (``train`` refuses to resume a run whose stored config differs). Runs are resumable:
+re-running ``reproduce`` on the same output directory skips finished runs and continues killed ones.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from reslab import runs
@@ -52,7 +56,20 @@ class Claim:
     statement: str
     published: str
     runs: Callable[[str], dict[str, TrainConfig]]
-    analyse: Callable[[dict[str, TrainConfig], Path], ClaimResult]
+    analyse: Callable[["Context"], ClaimResult]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What an analysis gets: its runs, where they are, where to write, and the profile."""
+
+    specs: dict[str, TrainConfig]
+    runs_dir: Path
+    out: Path
+    profile: str
+
+    def run(self, rid: str) -> Path:
+        return self.runs_dir / rid
 
 
 _CLAIMS: dict[str, Claim] = {}
@@ -73,6 +90,42 @@ def get_claim(name: str) -> Claim:
     return _CLAIMS[name]
 
 
+def differs(name: str, a: Sequence[float], b: Sequence[float], expect: str, floor: float = 0.01) -> dict[str, Any]:
+    """A check on two groups of seeds: ``mean(b) - mean(a)`` against ``max(2 standard errors, floor)``.
+
+    ``expect="higher"`` passes when ``b`` exceeds ``a`` by more than the margin; ``"not higher"`` when it does
+    not; ``"lower"`` when ``b`` is below ``a`` by more than the margin.
+    """
+    a_, b_ = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    se = math.sqrt(a_.var(ddof=1) / len(a_) + b_.var(ddof=1) / len(b_)) if min(len(a_), len(b_)) > 1 else 0.0
+    diff = float(b_.mean() - a_.mean())
+    margin = max(2 * se, floor)
+    passed = {"higher": diff > margin, "not higher": diff <= margin, "lower": diff < -margin}[expect]
+    return {"check": name, "difference": diff, "se": se, "margin": margin, "passed": bool(passed)}
+
+
+def check(name: str, value: float, passed: bool, **numbers: float) -> dict[str, Any]:
+    """A check on a measured value with a stated rule."""
+    return {"check": name, "value": float(value), **{k: float(v) for k, v in numbers.items()}, "passed": bool(passed)}
+
+
+def load_trained(ctx: "Context", rid: str) -> tuple[Any, TrainConfig]:
+    """The trained model of run ``rid`` (eval mode, CPU) and its config."""
+    from reslab.train import load_model
+
+    model, cfg = load_model(ctx.run(rid))
+    return model.eval(), cfg
+
+
+def eval_batch(data_spec: str, n: int, split: str = "train") -> tuple[Any, Any, int]:
+    """The first ``n`` prepared samples of a dataset split: ``(x, y, num_classes)``."""
+    from reslab.data import load_dataset
+
+    data = load_dataset(data_spec)
+    x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
+    return data.prepare(x[:n], train=False), y[:n], data.num_classes
+
+
 def _run_one(cfg: TrainConfig, out: str, threads: int) -> str:
     import torch
 
@@ -86,8 +139,8 @@ def default_jobs() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def run_claim(claim: Claim, profile: str, out: Path, jobs: int | None = None, quiet: bool = False) -> ClaimResult:
-    """Run (or resume) every run of ``claim`` under ``out/runs`` and analyse them into ``out``.
+def run_claim(claim: Claim, profile: str, root: Path, jobs: int | None = None, quiet: bool = False) -> ClaimResult:
+    """Run (or resume) every run of ``claim`` under ``root/runs`` and analyse them into ``root/claims/NAME``.
 
     Runs go to ``jobs`` worker processes with one thread each: the models of the quick profile are small,
     and one thread per process avoids oversubscribing the cores.
@@ -98,20 +151,22 @@ def run_claim(claim: Claim, profile: str, out: Path, jobs: int | None = None, qu
     jobs = default_jobs() if jobs is None else jobs
     if jobs <= 0:
         raise ValueError(f"jobs must be positive, got {jobs}")
-    todo = {rid: cfg for rid, cfg in specs.items() if not _finished(out / "runs" / rid)}
+    runs_dir, out = root / "runs", root / "claims" / claim.name
+    todo = {rid: cfg for rid, cfg in specs.items() if not _finished(runs_dir / rid)}
     bar = tqdm(total=len(specs), initial=len(specs) - len(todo), disable=quiet, desc=claim.name, unit="run")
     if jobs == 1:
         for rid, cfg in todo.items():
-            _run_one(cfg, str(out / "runs" / rid), threads=max(1, os.cpu_count() or 1))
+            _run_one(cfg, str(runs_dir / rid), threads=max(1, os.cpu_count() or 1))
             bar.update(1)
     elif todo:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_run_one, cfg, str(out / "runs" / rid), 1) for rid, cfg in todo.items()]
+            futures = [pool.submit(_run_one, cfg, str(runs_dir / rid), 1) for rid, cfg in todo.items()]
             for f in as_completed(futures):
                 f.result()
                 bar.update(1)
     bar.close()
-    result = claim.analyse(specs, out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = claim.analyse(Context(specs, runs_dir, out, profile))
     runs.write_json(out / "claim.json", {"claim": claim.name, "profile": profile, "verdict": result.verdict,
                                          "summary": result.summary, "checks": result.checks,
                                          "table": result.table, "figures": result.figures}, sort_keys=False)

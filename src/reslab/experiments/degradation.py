@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from reslab import runs
-from reslab.experiments.base import Claim, ClaimResult, register_claim
+from reslab.experiments.base import Claim, ClaimResult, Context, differs, register_claim
 from reslab.report.plots import new_figure, save_figure
 from reslab.train import TrainConfig
 
@@ -47,30 +47,30 @@ def plan(profile: str) -> dict[str, TrainConfig]:
     return out
 
 
-def _final(out: Path, rid: str) -> dict[str, Any]:
-    result = runs.read_json(out / "runs" / rid / "result.json")
-    metrics = runs.read_jsonl(out / "runs" / rid / "metrics.jsonl")
+def _final(run: Path) -> dict[str, Any]:
+    result = runs.read_json(run / "result.json")
+    metrics = runs.read_jsonl(run / "metrics.jsonl")
     if result["status"] == "diverged" or not metrics:
         return {"train_eval_error": math.nan, "test_error": math.nan, "curve": [m["train_error"] for m in metrics]}
     return {**metrics[-1], "curve": [m["train_error"] for m in metrics]}
 
 
-def _compare(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Difference of means ``mean(b) - mean(a)`` and its standard error."""
-    a_, b_ = np.asarray(a), np.asarray(b)
-    se = math.sqrt(a_.var(ddof=1) / len(a_) + b_.var(ddof=1) / len(b_)) if len(a_) > 1 else 0.0
-    return float(b_.mean() - a_.mean()), se
+def parse_id(rid: str) -> tuple[str, int, int]:
+    """``residual-zero-init-d56-s2`` -> ``("residual-zero-init", 56, 2)``."""
+    variant, depth, seed = rid.rsplit("-", 2)
+    return variant, int(depth[1:]), int(seed[1:])
 
 
-def analyse(specs: dict[str, TrainConfig], out: Path) -> ClaimResult:
-    finals = {rid: _final(out, rid) for rid in specs}
-    depths = sorted({int(rid.split("-d")[1].split("-")[0]) for rid in specs})
+def analyse(ctx: Context) -> ClaimResult:
+    specs = ctx.specs
+    finals = {rid: _final(ctx.run(rid)) for rid in specs}
+    depths = sorted({parse_id(rid)[1] for rid in specs})
     errs: dict[tuple[str, int], list[float]] = {}
     curves: dict[tuple[str, int], list[list[float]]] = {}
     table = []
     for variant in VARIANTS:
         for d in depths:
-            ids = [rid for rid in specs if rid.startswith(f"{variant}-d{d}-")]
+            ids = [rid for rid in specs if parse_id(rid)[:2] == (variant, d)]
             e = [finals[r]["train_eval_error"] for r in ids]
             t = [finals[r]["test_error"] for r in ids]
             errs[(variant, d)] = e
@@ -79,13 +79,7 @@ def analyse(specs: dict[str, TrainConfig], out: Path) -> ClaimResult:
                           "train_error_mean": float(np.mean(e)), "train_error_std": float(np.std(e, ddof=1)),
                           "test_error_mean": float(np.mean(t)), "diverged": int(np.isnan(e).sum())})
     lo, hi = depths[0], depths[-1]
-
-    def check(name: str, a: list[float], b: list[float], expect: str) -> dict[str, Any]:
-        diff, se = _compare(a, b)
-        margin = max(2 * se, 0.01)
-        passed = diff > margin if expect == "higher" else diff <= margin
-        return {"check": name, "difference": diff, "se": se, "margin": margin, "passed": bool(passed)}
-
+    check = differs
     checks = [
         check(f"plain-{hi} trains to higher error than plain-{lo}", errs[("plain", lo)], errs[("plain", hi)],
               "higher"),
@@ -111,7 +105,7 @@ def analyse(specs: dict[str, TrainConfig], out: Path) -> ClaimResult:
                f"depths {', '.join(map(str, depths))}: " + "; ".join(trend(v) for v in VARIANTS)
                + ". A difference counts when it exceeds max(2 standard errors, 1 point); the verdict needs the "
                "first three checks, the fourth shows what zero-initialising each branch's last BN changes.")
-    figures = [_plot(depths, errs, curves, out)]
+    figures = [_plot(depths, errs, curves, ctx.out)]
     return ClaimResult(verdict, summary, checks, table, figures)
 
 

@@ -55,7 +55,7 @@ def render(out: Path, meta: dict[str, str]) -> tuple[Path, Path]:
 
     claims = load_claims(out)
     by_name = {c["claim"]: c for c in claims}
-    md = [f"# reslab reproduction report\n", ", ".join(f"{k}: {v}" for k, v in meta.items()) + "\n",
+    md = ["# reslab reproduction report\n", ", ".join(f"{k}: {v}" for k, v in meta.items()) + "\n",
           "## Summary (the seed's table, with our measured verdicts)\n",
           "| Property | Benefit | Limitation | Measured |", "|---|---|---|---|"]
     for prop, benefit, limit, names in SUMMARY_ROWS:
