@@ -16,7 +16,8 @@ def _run(argv, capsys):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["list", "--help"], ["train", "--help"], ["reproduce", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["list", "--help"], ["train", "--help"], ["reproduce", "--help"],
+                                  ["diagnose", "--help"]])
 def test_help_everywhere(argv, capsys):
     code, out, _ = _run(argv, capsys)
     assert code == 0 and "usage:" in out
@@ -48,6 +49,7 @@ BAD = [
     (["train", "--model", "mlp8", "--shortcut", "E", "--out", "{d}"], "invalid choice"),
     (["train", "--out", "{d}"], "--model is required"),
     (["reproduce", "--only", "nosuch", "--out", "{d}"], "unknown claim"),
+    (["diagnose", "{d}"], "not a trained reslab run"),
     (["reproduce", "--jobs", "0", "--out", "{d}"], "--jobs must be positive"),
     (["reproduce", "--profile", "huge", "--out", "{d}"], "invalid choice"),
 ]
@@ -78,3 +80,22 @@ def test_train_cli_end_to_end(tmp_path, capsys):
     code, _, err = _run(["train", "--model", "mlp4", "--model-arg", "width=8", "--data", "mnist1d:200",
                          "--out", str(d), "--quiet"], capsys)
     assert code == 2 and "already holds a run" in err
+
+
+def test_diagnose_writes_arrays_and_plots(tmp_path, capsys):
+    import numpy as np
+
+    d = tmp_path / "run"
+    assert _run(["train", "--model", "mlp6", "--model-arg", "width=8", "--data", "mnist1d:200", "--epochs", "1",
+                 "--out", str(d), "--quiet"], capsys)[0] == 0
+    code, out, _ = _run(["diagnose", str(d), "--what", "responses,stream,grads,lesion,paths,update",
+                         "--samples", "100"], capsys)
+    assert code == 0
+    for name in ("responses", "stream", "grads", "lesion", "paths", "update"):
+        arrays = np.load(d / "diagnostics" / f"{name}.npz")
+        assert len(arrays.files) > 0 and (d / "diagnostics" / f"{name}.png").stat().st_size > 1000
+    assert len(np.load(d / "diagnostics" / "responses.npz")["std"]) == 2
+    code, _, err = _run(["diagnose", str(d), "--what", "gates"], capsys)
+    assert code == 2 and "no gates" in err
+    code, _, err = _run(["diagnose", str(d), "--what", "nosuch"], capsys)
+    assert code == 2 and "unknown measurement" in err

@@ -1,4 +1,4 @@
-"""The ``reslab`` command: ``list``, ``train`` and ``reproduce``.
+"""The ``reslab`` command: ``list``, ``train``, ``diagnose`` and ``reproduce``.
 
 Bad input (unknown names, incompatible options, invalid sizes, missing data) prints one line,
 ``reslab: error: ...``, and exits with status 2 before any run directory is created.
@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    dg = sub.add_parser("diagnose", help="measure a trained run: responses, stream, grads, gates, lesion, paths...")
+    dg.add_argument("run", type=Path, help="run directory (with checkpoint.pt)")
+    dg.add_argument("--what", default="responses,stream,grads,lesion,paths",
+                    help="comma-separated: responses, stream, grads, gates, lesion, paths, update")
+    dg.add_argument("--samples", type=int, default=1000, help="training samples to measure on")
+
     rp = sub.add_parser("reproduce", help="run the claims of the seed and write the report")
     rp.add_argument("--profile", default="quick", choices=["smoke", "quick", "full"])
     rp.add_argument("--only", action="append", default=[], metavar="CLAIM", help="run only this claim (repeatable)")
@@ -134,6 +140,16 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"{line} -> {args.out}")
 
 
+def _cmd_diagnose(args: argparse.Namespace) -> None:
+    from reslab.diagnostics.diagnose import diagnose
+
+    if args.samples <= 0:
+        raise ValueError(f"--samples must be positive, got {args.samples}")
+    what = [w.strip() for w in args.what.split(",") if w.strip()]
+    for name, path in diagnose(args.run, what, args.samples).items():
+        print(f"{name}: {path} and {path.with_suffix('.png')}")
+
+
 def _cmd_reproduce(args: argparse.Namespace) -> None:
     import reslab
     from reslab.experiments import get_claim, list_claims, run_claim
@@ -155,7 +171,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"list": _cmd_list, "train": _cmd_train, "reproduce": _cmd_reproduce}[args.command](args)
+        {"list": _cmd_list, "train": _cmd_train, "diagnose": _cmd_diagnose,
+         "reproduce": _cmd_reproduce}[args.command](args)
     except ValueError as e:
         print(f"reslab: error: {e}", file=sys.stderr)
         return 2

@@ -34,17 +34,18 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
+def mlp_runs(profile: str, variants: tuple[str, ...], depths: tuple[int, ...]) -> dict[str, TrainConfig]:
+    """MNIST-1D MLP runs ``VARIANT-dDEPTH-sSEED`` with this profile's recipe (shared by several claims)."""
+    p = PROFILES[profile]
+    return {f"{variant}-d{depth}-s{seed}": TrainConfig(
+        model=f"mlp{depth}", model_kwargs={"width": p["width"]}, data=p["data"], epochs=p["epochs"],
+        batch_size=128, optimizer="adam", lr=1e-3, seed=seed, **VARIANTS[variant])
+        for variant in variants for depth in depths for seed in range(p["seeds"])}
+
+
 def plan(profile: str) -> dict[str, TrainConfig]:
     """Every run of the claim: variant x depth x seed."""
-    p = PROFILES[profile]
-    out: dict[str, TrainConfig] = {}
-    for variant, v in VARIANTS.items():
-        for depth in p["depths"]:
-            for seed in range(p["seeds"]):
-                out[f"{variant}-d{depth}-s{seed}"] = TrainConfig(
-                    model=f"mlp{depth}", model_kwargs={"width": p["width"]}, data=p["data"], epochs=p["epochs"],
-                    batch_size=128, optimizer="adam", lr=1e-3, seed=seed, **v)
-    return out
+    return mlp_runs(profile, tuple(VARIANTS), PROFILES[profile]["depths"])
 
 
 def _final(run: Path) -> dict[str, Any]:
