@@ -13,17 +13,17 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import reslab
+from _timing import (copy_state, cpu_name, interleaved, make_step, n_params, quantile, time_steps,
+                     write_marked_section)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.03
@@ -69,49 +69,6 @@ class HandResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def copy_state(src: nn.Module, dst: nn.Module) -> None:
-    """Copy parameters and buffers from ``src`` to ``dst`` in registration order (shapes must match)."""
-    s, d = src.state_dict(), dst.state_dict()
-    assert len(s) == len(d), f"state sizes differ: {len(s)} vs {len(d)}"
-    for (ks, vs), (kd, vd) in zip(s.items(), d.items()):
-        assert vs.shape == vd.shape, f"{ks} {tuple(vs.shape)} vs {kd} {tuple(vd.shape)}"
-    dst.load_state_dict(dict(zip(d.keys(), s.values())))
-
-
-def n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-def make_step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
-    """One training step of ``model`` on the fixed batch ``(x, y)``, with its own optimizer."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step
-
-
-def time_steps(step: Callable[[], None], n: int, device: str) -> float:
-    """Seconds per step over ``n`` steps."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    m = re.search(r"^model name\s*:\s*(.+)$", info.read_text(), re.M) if info.exists() else None
-    return m.group(1).strip() if m else (platform.processor() or platform.machine())
-
-
 HEADER = f"""# Benchmarks
 
 ## Trunk abstraction overhead (`benchmarks/bench_trunk.py`)
@@ -130,21 +87,8 @@ Run: `python benchmarks/bench_trunk.py --model resnet56 --write` (`--device cuda
 
 
 def write_section(key: str, body: str) -> Path:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else HEADER
     start, end = f"<!-- bench_trunk:{key} -->", f"<!-- /bench_trunk:{key} -->"
-    section = f"{start}\n{body.rstrip()}\n{end}"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text if text.endswith("\n") else text + "\n")
-    return path
-
-
-def quantile(v: list[float], q: float) -> float:
-    return statistics.quantiles(v, n=4, method="inclusive")[int(4 * q) - 1] if len(v) > 1 else v[0]
+    return write_marked_section(ROOT / "BENCHMARKS.md", start, end, body, HEADER)
 
 
 def main() -> None:
@@ -179,15 +123,16 @@ def main() -> None:
     for name in steps:
         time_steps(steps[name], args.warmup, args.device)
     load0 = os.getloadavg()[0]
-    times: dict[str, list[float]] = {"reslab": [], "hand": []}
     ratios: list[float] = []
-    t_start = time.perf_counter()
-    for r in range(args.rounds):
-        for name in (("reslab", "hand") if r % 2 == 0 else ("hand", "reslab")):
-            times[name].append(time_steps(steps[name], args.steps, args.device))
+
+    def on_round(r: int, times: dict[str, list[float]]) -> None:
         ratios.append(times["reslab"][-1] / times["hand"][-1])
         print(f"round {r + 1:2d}/{args.rounds}: reslab {1e3 * times['reslab'][-1]:8.1f} ms  "
               f"hand {1e3 * times['hand'][-1]:8.1f} ms  ratio {ratios[-1]:.3f}", flush=True)
+
+    t_start = time.perf_counter()
+    # each round runs both nets, alternating which goes first (reslab first in even rounds)
+    times = interleaved(steps, args.rounds, args.steps, args.device, on_round)
     wall, load1 = time.perf_counter() - t_start, os.getloadavg()[0]
 
     med = {k: statistics.median(v) for k, v in times.items()}
