@@ -11,7 +11,8 @@ from round to round):
   the per-forward hook scan (the ``is not None`` tests stay);
 - ``detached``: the reslab model as shipped, no recorder, no hooks;
 - ``attached``: the reslab model inside ``record(names=("resid_pre", "branch_out", "contribution",
-  "resid_post"), reduce=per-sample norm, grads=True, grad_reduce=per-sample norm)``, cleared every step.
+  "resid_post"), reduce="norm", grads=True, grad_reduce="norm")`` (the recorder's batched per-sample norms),
+  cleared every step.
 
 Ratios are paired per round (a net's step time over the reference's in the same round) and summarised by their
 median with a 95% confidence interval, quartiles and range. The code the detached path adds is also timed alone.
@@ -203,8 +204,8 @@ def run_model(name: str, rounds: int, steps_per_round: int, warmup: int, args: a
           f"four nets match (max |diff| {diff:.1e})", flush=True)
 
     with contextlib.ExitStack() as stack:
-        rec = stack.enter_context(record(nets["attached"], names=TAPS, reduce=norm_reduce, grads=True,
-                                         grad_reduce=grad_norm_reduce))
+        rec = stack.enter_context(record(nets["attached"], names=TAPS, reduce="norm", grads=True,
+                                         grad_reduce="norm"))
         base = make_step(nets["attached"], x, y)
 
         def attached_step() -> None:
@@ -373,8 +374,8 @@ timed in the same process in interleaved rounds (the order rotates each round):
 - `notap`: the reslab model with `trunk._tap` replaced on the instance by `lambda: None` (no hook scan);
 - `detached`: the reslab model as shipped: no recorder, no hooks;
 - `attached`: inside `record(model, names=("resid_pre", "branch_out", "contribution", "resid_post"),
-  reduce=lambda n, i, t: t.detach().flatten(1).norm(dim=1), grads=True,
-  grad_reduce=lambda n, i, g: g.flatten(1).norm(dim=1))`, with `rec.clear()` after every step.
+  reduce="norm", grads=True, grad_reduce="norm")` (per-sample norms, computed by the recorder in one batched
+  operation per forward and per backward pass, inside the timed step), with `rec.clear()` after every step.
 
 Ratios are paired per round (step time over the reference's in the same round), summarised by the median with
 a distribution-free 95% confidence interval (order statistics), quartiles and range.

@@ -144,3 +144,24 @@ def test_reorder_runs_blocks_in_order_and_refuses_shape_moves():
     net = reslab.create_model("resnet8", width=4, input_shape=(3, 8, 8))
     with pytest.raises(ValueError, match="cannot run at position"):
         net.trunk.set_order([1, 0, 2])
+
+
+def test_norm_reduction_is_batched_and_equals_per_tap_norms():
+    net = reslab.create_model("resnet8", width=4, input_shape=(3, 8, 8))
+    x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 10, (5,))
+    per_sample = lambda n, i, t: t.flatten(1).norm(dim=1)  # noqa: E731
+    results = []
+    for reduce in (per_sample, "norm"):
+        net.zero_grad()
+        with record(net, names=("resid_pre", "branch_out"), reduce=reduce, grads=True, grad_reduce=reduce) as rec:
+            for _ in range(2):  # two steps: batches concatenate
+                torch.nn.functional.cross_entropy(net(x), y).backward()
+            results.append((rec.get("resid_pre"), rec.get("branch_out"), rec.grads()))
+    for a, b in zip(*results):
+        assert len(a) == len(b) == 3
+        for ta, tb in zip(a, b):
+            assert ta.shape == (10,)
+            torch.testing.assert_close(ta, tb)
+    with pytest.raises(ValueError, match="unknown reduction"):
+        with record(net, reduce="mean"):
+            pass
