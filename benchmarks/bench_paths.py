@@ -21,7 +21,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch
 
 import reslab
 from reslab.diagnostics.paths import binomial_path_counts, model_cotangent, path_coefficients, veit_sampling
+
+from _timing import write_marked_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 50.0
@@ -60,19 +61,6 @@ def calibrate_bn(model: torch.nn.Module, inputs: torch.Tensor) -> None:
     model.train()
     with torch.no_grad():
         model(inputs)
-
-
-def write_section(body: str) -> Path:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{START}\n{body.rstrip()}\n{END}"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text if text.endswith("\n") else text + "\n")
-    return path
 
 
 def main() -> None:
@@ -191,7 +179,7 @@ Target: **the exact method needs >= {TARGET:.0f}x fewer backward passes** (cotan
 - backward passes: exact {exact_passes} vectors, Veit {veit_passes} vectors: **{ratio:.0f}x fewer** ({'meets' if ratio >= TARGET else 'misses'} the target); wall time {veit_s / exact_s:.0f}x less
 - result (full input-gradient norm {float(c.sum(0).norm()):.3g}): exact ||c_k|| peaks at k = {top_exact} (norm-weighted effective depth {eff_exact:.1f}); Veit's mean x C(n,k) peaks at k = {top_veit} (effective depth {eff_veit:.1f}, over the sampled lengths); at k = n (one path) the two agree (ratio {agree_n:.6g}); they differ most at k = {worst}, where Veit's estimate is {np.nanmax(diff):.3g}x the exact norm (paths cancel); lengths carrying exactly zero gradient (both methods): {', '.join(map(str, zero)) or 'none'}
 """
-        print(f"wrote {write_section(body)}")
+        print(f"wrote {write_marked_section(ROOT / 'BENCHMARKS.md', START, END, body)}")
 
 
 if __name__ == "__main__":

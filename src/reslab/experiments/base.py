@@ -109,6 +109,11 @@ def check(name: str, value: float, passed: bool, **numbers: float) -> dict[str, 
     return {"check": name, "value": float(value), **{k: float(v) for k, v in numbers.items()}, "passed": bool(passed)}
 
 
+def verdict_of(passed: Sequence[bool]) -> str:
+    """``reproduced`` when every check passed, ``partly reproduced`` when some did, else ``not reproduced``."""
+    return "reproduced" if all(passed) else "partly reproduced" if any(passed) else "not reproduced"
+
+
 def load_trained(ctx: "Context", rid: str) -> tuple[Any, TrainConfig]:
     """The trained model of run ``rid`` (eval mode, CPU) and its config."""
     from reslab.train import load_model

@@ -16,7 +16,7 @@ import reslab
 from reslab.diagnostics.gradients import gradient_profile
 from reslab.experiments import degradation
 from reslab.experiments.base import (Claim, ClaimResult, Context, differs, eval_batch, load_trained,
-                                     register_claim)
+                                     register_claim, verdict_of)
 from reslab.report.plots import new_figure, save_figure
 
 INIT_NETS = {"plain": ("plain", {}), "residual": ("identity", {}),
@@ -62,7 +62,7 @@ def analyse(ctx: Context) -> ClaimResult:
                 "higher"),
     ]
     core = [c["passed"] for c in checks]
-    verdict = "reproduced" if all(core) else "partly reproduced" if any(core) else "not reproduced"
+    verdict = verdict_of(core)
     summary = (f"log10(||dL/dx_0|| / ||dL/dx_L-1||), mean over {len(seeds)} seeds, at init: " + "; ".join(
         f"{n} " + ", ".join(f"{d}: {np.mean(init[(n, d)]):+.2f}" for d in depths) for n in INIT_NETS)
         + "; after training: " + "; ".join(

@@ -2,7 +2,7 @@
 (Veit et al. 2016, section 5; REFERENCE.md section 3).
 
 Residual MLPs with 8, 16, 32 and 64 blocks (quick profile) are trained with the degradation claim's recipe;
-on a batch of 128 training samples we measure the gradient per path length both exactly (the polynomial
+on a batch of 64 training samples we measure the gradient per path length both exactly (the polynomial
 coefficients ``||c_k||``, which include cancellation between paths) and with Veit et al.'s sampling estimate
 (mean single-path norm times ``C(n, k)``), their effective depths (gradient-weighted mean path length) and the
 range of lengths holding 90% of the gradient, then fit ``effective depth ~ a n^p`` over the depths.
@@ -15,11 +15,12 @@ import torch
 
 from reslab.diagnostics.paths import analyse_paths, binomial_length_distribution
 from reslab.experiments import degradation
-from reslab.experiments.base import Claim, ClaimResult, Context, check, eval_batch, load_trained, register_claim
+from reslab.experiments.base import (Claim, ClaimResult, Context, check, eval_batch, load_trained,
+                                     register_claim, verdict_of)
 from reslab.report.plots import new_figure, save_figure
 
 BLOCKS = {"smoke": (2, 4), "quick": (8, 16, 32, 64), "full": (8, 16, 32, 64, 128)}
-SAMPLES = {"smoke": 5, "quick": 20, "full": 200}
+SAMPLES = {"smoke": 5, "quick": 10, "full": 200}
 VARIANTS = ("residual", "residual-zero-init")
 
 
@@ -35,7 +36,7 @@ def _fit(n: np.ndarray, eff: np.ndarray) -> tuple[float, float]:
 
 def analyse(ctx: Context) -> ClaimResult:
     data_spec = next(iter(ctx.specs.values())).data
-    x, y, _ = eval_batch(data_spec, 128)
+    x, y, _ = eval_batch(data_spec, 64)
     prof: dict[tuple[str, int], list] = {}
     for rid in ctx.specs:
         variant, depth, seed = degradation.parse_id(rid)
@@ -63,7 +64,7 @@ def analyse(ctx: Context) -> ClaimResult:
         checks.append(check(f"{degradation.LABELS[v]}: effective depth grows sublinearly (fitted exponent p, "
                             "mean over seeds; passes if p + 2 SE < 1)", p_mean, upper < 1, se=p_sd / np.sqrt(len(per_seed))))
     core = [c["passed"] for c in checks]
-    verdict = "reproduced" if all(core) else "partly reproduced" if any(core) else "not reproduced"
+    verdict = verdict_of(core)
     summary = ("Effective path length (exact, mean over seeds) at " + ", ".join(map(str, blocks)) + " blocks: "
                + "; ".join(f"{degradation.LABELS[v]} " + ", ".join(
                    f"{r['effective_depth_exact']:.1f}" for r in table if r["variant"] == degradation.LABELS[v])

@@ -10,7 +10,8 @@ import numpy as np
 
 from reslab.diagnostics.responses import response_magnitudes
 from reslab.experiments import degradation
-from reslab.experiments.base import Claim, ClaimResult, Context, differs, eval_batch, load_trained, register_claim
+from reslab.experiments.base import (Claim, ClaimResult, Context, differs, eval_batch, load_trained,
+                                     register_claim, verdict_of)
 from reslab.report.plots import new_figure, save_figure
 
 VARIANTS = ("plain", "residual", "residual-zero-init")
@@ -37,7 +38,7 @@ def analyse(ctx: Context) -> ClaimResult:
     checks.append(differs(f"zero-init residual-{hi} responds less per layer than at depth {lo} (informative)",
                           mean[("residual-zero-init", lo)], mean[("residual-zero-init", hi)], "lower"))
     core = [c["passed"] for c in checks[:-1]]
-    verdict = "reproduced" if all(core) else "partly reproduced" if any(core) else "not reproduced"
+    verdict = verdict_of(core)
     summary = ("Mean response std per block (mean over seeds): " + "; ".join(
         f"{degradation.LABELS[v]} " + ", ".join(f"{d}: {np.mean(mean[(v, d)]):.3f}" for d in depths)
         for v in VARIANTS) + ". Each comparison needs a difference beyond max(2 standard errors, 0.01).")
