@@ -11,7 +11,7 @@ from round to round):
   the per-forward hook scan (the ``is not None`` tests stay);
 - ``detached``: the reslab model as shipped, no recorder, no hooks;
 - ``attached``: the reslab model inside ``record(names=("resid_pre", "branch_out", "contribution",
-  "resid_post"), reduce="norm", grads=True, grad_reduce="norm")`` (the recorder's batched per-sample norms),
+  "resid_post"), reduce="norm", grads=True, grad_reduce="norm")`` (the recorder's built-in per-sample norms),
   cleared every step.
 
 Ratios are paired per round (a net's step time over the reference's in the same round) and summarised by their
@@ -374,8 +374,8 @@ timed in the same process in interleaved rounds (the order rotates each round):
 - `notap`: the reslab model with `trunk._tap` replaced on the instance by `lambda: None` (no hook scan);
 - `detached`: the reslab model as shipped: no recorder, no hooks;
 - `attached`: inside `record(model, names=("resid_pre", "branch_out", "contribution", "resid_post"),
-  reduce="norm", grads=True, grad_reduce="norm")` (per-sample norms, computed by the recorder in one batched
-  operation per forward and per backward pass, inside the timed step), with `rec.clear()` after every step.
+  reduce="norm", grads=True, grad_reduce="norm")` (the recorder's built-in per-sample norms,
+  `torch.linalg.vector_norm` on each tapped tensor), with `rec.clear()` after every step.
 
 Ratios are paired per round (step time over the reference's in the same round), summarised by the median with
 a distribution-free 95% confidence interval (order statistics), quartiles and range.

@@ -146,7 +146,7 @@ def test_reorder_runs_blocks_in_order_and_refuses_shape_moves():
         net.trunk.set_order([1, 0, 2])
 
 
-def test_norm_reduction_is_batched_and_equals_per_tap_norms():
+def test_norm_reduction_equals_per_tap_norms():
     net = reslab.create_model("resnet8", width=4, input_shape=(3, 8, 8))
     x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 10, (5,))
     per_sample = lambda n, i, t: t.flatten(1).norm(dim=1)  # noqa: E731

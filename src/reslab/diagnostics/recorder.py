@@ -10,8 +10,6 @@ Usage::
 
 ``reduce`` turns each tapped tensor into something smaller before it is kept, so a recorder can run over a whole
 dataset: a function ``reduce(name, i, tensor)``, or ``"norm"`` for per-sample L2 norms over all non-batch axes.
-``"norm"`` is computed in one batched operation per forward pass (when ``final`` is tapped) and per backward pass
-(when every stream gradient has arrived) instead of once per tap, which matters on small, launch-bound models.
 The context manager always detaches, also on error.
 """
 
@@ -19,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -29,28 +27,9 @@ from reslab.trunk import BLOCK_TAPS, Trunk
 Reduce = Callable[[str, int, Tensor], Tensor]
 
 
-# Tensors up to this size are stacked and reduced together (small models are bound by per-op overhead);
-# larger ones are reduced one by one (stacking them would only copy memory).
-_STACK_LIMIT = 1 << 18
-
-
-def _sample_norms(t: Tensor, first: int = 1) -> Tensor:
-    return torch.linalg.vector_norm(t, dim=tuple(range(first, t.dim()))) if t.dim() > first else t.abs()
-
-
-def _batched_norms(items: list[tuple[Any, Tensor]]) -> list[tuple[Any, Tensor]]:
-    """Per-sample L2 norms of many tensors: small ones in one stacked operation per distinct shape."""
-    by_shape: dict[tuple[int, ...], list[tuple[Any, Tensor]]] = defaultdict(list)
-    out = []
-    for key, t in items:
-        if t.numel() <= _STACK_LIMIT:
-            by_shape[tuple(t.shape)].append((key, t))
-        else:
-            out.append((key, _sample_norms(t)))
-    for group in by_shape.values():
-        norms = _sample_norms(torch.stack([t for _, t in group]), first=2)
-        out += [(key, norms[j]) for j, (key, _) in enumerate(group)]
-    return out
+def _sample_norms(name: str, i: int, t: Tensor) -> Tensor:
+    """Per-sample L2 norms over all non-batch axes (``torch.linalg.vector_norm``, no Python wrapper)."""
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim()))) if t.dim() > 1 else t.abs()
 
 
 class Recorder:
@@ -72,63 +51,35 @@ class Recorder:
         for r in (reduce, grad_reduce):
             if isinstance(r, str) and r != "norm":
                 raise ValueError(f"unknown reduction {r!r}; give a function or 'norm'")
-        self.reduce, self.want_grads, self.grad_reduce = reduce, grads, grad_reduce
+        self.reduce = _sample_norms if reduce == "norm" else reduce
+        self.grad_reduce = _sample_norms if grad_reduce == "norm" else grad_reduce
+        self.want_grads = grads
         self._data: dict[tuple[str, int], list[Tensor]] = defaultdict(list)
         self._grads: dict[int, list[Tensor]] = defaultdict(list)
-        self._pending: list[tuple[tuple[str, int], Tensor]] = []      # forward taps awaiting "norm"
-        self._pending_grads: list[tuple[int, Tensor]] = []           # gradients awaiting "norm"
-        self._expected_grads = 0
 
     def __call__(self, name: str, i: int, value: Tensor) -> None:
         if self.want_grads and name == "resid_pre" and value.requires_grad:
-            self._expected_grads += 1
             value.register_hook(lambda g, i=i: self._keep_grad(i, g))
         if name in self.names:
             v = value.detach()
-            if self.reduce == "norm":
-                self._pending.append(((name, i), v))
-            else:
-                self._data[(name, i)].append(self.reduce(name, i, v) if self.reduce is not None else v)
-        if name == "final":
-            self._flush()
+            self._data[(name, i)].append(self.reduce(name, i, v) if self.reduce is not None else v)
 
     def _keep_grad(self, i: int, g: Tensor) -> None:
         g = g.detach()
-        if self.grad_reduce == "norm":
-            self._pending_grads.append((i, g))
-            if len(self._pending_grads) >= self._expected_grads:
-                self._flush()
-        else:
-            self._grads[i].append(self.grad_reduce("grad", i, g) if self.grad_reduce is not None else g)
-
-    def _flush(self) -> None:
-        """Compute pending ``"norm"`` reductions in batched form."""
-        for key, v in _batched_norms(self._pending):
-            self._data[key].append(v)
-        self._pending.clear()
-        if self._pending_grads:
-            for i, v in _batched_norms(self._pending_grads):
-                self._grads[i].append(v)
-            self._pending_grads.clear()
-            self._expected_grads = 0
+        self._grads[i].append(self.grad_reduce("grad", i, g) if self.grad_reduce is not None else g)
 
     def get(self, name: str) -> list[Tensor]:
         """Tensors tapped under ``name``, one per depth (in depth order), batches concatenated along dim 0."""
-        self._flush()
         depths = sorted(i for (n, i) in self._data if n == name)
         return [torch.cat(self._data[(name, i)]) for i in depths]
 
     def grads(self) -> list[Tensor]:
         """``dL/d(resid_pre_i)`` per depth, batches concatenated along dim 0."""
-        self._flush()
         return [torch.cat(self._grads[i]) for i in sorted(self._grads)]
 
     def clear(self) -> None:
         self._data.clear()
         self._grads.clear()
-        self._pending.clear()
-        self._pending_grads.clear()
-        self._expected_grads = 0
 
 
 def trunk_of(model: nn.Module) -> Trunk:
