@@ -71,6 +71,13 @@ class Context:
     def run(self, rid: str) -> Path:
         return self.runs_dir / rid
 
+    def save_figure(self, fig: Any, name: str) -> str:
+        """Write ``fig`` as ``name`` into the claim's folder; returns ``name`` for :attr:`ClaimResult.figures`."""
+        from reslab.report.plots import save_figure
+
+        save_figure(fig, self.out / name)
+        return name
+
 
 _CLAIMS: dict[str, Claim] = {}
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from reslab import runs
 from reslab.experiments.base import Claim, ClaimResult, Context, differs, register_claim
-from reslab.report.plots import new_figure, save_figure
+from reslab.report.plots import new_figure
 from reslab.train import TrainConfig
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -106,11 +106,11 @@ def analyse(ctx: Context) -> ClaimResult:
                f"depths {', '.join(map(str, depths))}: " + "; ".join(trend(v) for v in VARIANTS)
                + ". A difference counts when it exceeds max(2 standard errors, 1 point); the verdict needs the "
                "first three checks, the fourth shows what zero-initialising each branch's last BN changes.")
-    figures = [_plot(depths, errs, curves, ctx.out)]
+    figures = [_plot(depths, errs, curves, ctx)]
     return ClaimResult(verdict, summary, checks, table, figures)
 
 
-def _plot(depths: list[int], errs: dict, curves: dict, out: Path) -> str:
+def _plot(depths: list[int], errs: dict, curves: dict, ctx: Context) -> str:
     fig, (ax1, ax2) = new_figure(2)
     colors = {"plain": "tab:red", "residual": "tab:blue", "residual-zero-init": "tab:green"}
     for variant in VARIANTS:
@@ -128,9 +128,7 @@ def _plot(depths: list[int], errs: dict, curves: dict, out: Path) -> str:
                      label=f"{variant}-{d}")
     ax2.set(xlabel="epoch", ylabel="training error during epoch (%)", title="Training curves (mean over seeds)")
     ax2.legend(fontsize=7, ncol=2)
-    name = "degradation.png"
-    save_figure(fig, out / name)
-    return name
+    return ctx.save_figure(fig, "degradation.png")
 
 
 CLAIM = register_claim(Claim(

@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 from reslab.diagnostics.lesion import lesion_study
 from reslab.experiments import degradation
 from reslab.experiments.base import Claim, ClaimResult, Context, check, eval_batch, load_trained, register_claim
-from reslab.report.plots import new_figure, save_figure
+from reslab.report.plots import new_figure
 
 DRAWS = {"smoke": 2, "quick": 4, "full": 10}
 
@@ -92,8 +92,7 @@ def _plot(res: dict, depth: int, ctx: Context) -> str:
     a2.set(xlabel="blocks deleted (k)", ylabel="error (%)", title="Delete k random blocks")
     a3.set(xlabel="Kendall tau", ylabel="error (%)", title="Reorder blocks")
     a1.legend(fontsize=7)
-    save_figure(fig, ctx.out / "ensemble.png")
-    return "ensemble.png"
+    return ctx.save_figure(fig, "ensemble.png")
 
 
 CLAIM = register_claim(Claim(

@@ -17,7 +17,7 @@ from reslab.diagnostics.gradients import gradient_profile
 from reslab.experiments import degradation
 from reslab.experiments.base import (Claim, ClaimResult, Context, differs, eval_batch, load_trained,
                                      register_claim, verdict_of)
-from reslab.report.plots import new_figure, save_figure
+from reslab.report.plots import new_figure
 
 INIT_NETS = {"plain": ("plain", {}), "residual": ("identity", {}),
              "highway, carry open (b=-3)": ("highway", {"gate_bias": -3.0}),
@@ -78,8 +78,7 @@ def _plot(profiles: dict, depth: int, ctx: Context) -> str:
         ax.semilogy(np.arange(len(g)), g, marker=".", label=name)
     ax.set(xlabel="block", ylabel="||dL/dx_i|| at init", title=f"Gradient per depth at initialisation, depth {depth}")
     ax.legend(fontsize=8)
-    save_figure(fig, ctx.out / "gradient_highway.png")
-    return "gradient_highway.png"
+    return ctx.save_figure(fig, "gradient_highway.png")
 
 
 CLAIM = register_claim(Claim(

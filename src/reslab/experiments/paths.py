@@ -17,7 +17,7 @@ from reslab.diagnostics.paths import analyse_paths, binomial_length_distribution
 from reslab.experiments import degradation
 from reslab.experiments.base import (Claim, ClaimResult, Context, check, eval_batch, load_trained,
                                      register_claim, verdict_of)
-from reslab.report.plots import new_figure, save_figure
+from reslab.report.plots import new_figure
 
 BLOCKS = {"smoke": (2, 4), "quick": (8, 16, 32, 64), "full": (8, 16, 32, 64, 128)}
 SAMPLES = {"smoke": 5, "quick": 10, "full": 200}
@@ -104,8 +104,7 @@ def _plot(prof: dict, blocks: list[int], fits: dict, ctx: Context) -> str:
     a3.plot(k, np.cumsum(binomial_length_distribution(n)), "k:", label="paths")
     a3.set(xlabel="path length k", ylabel="cumulative share", title="Where the gradient comes from")
     a3.legend(fontsize=7)
-    save_figure(fig, ctx.out / "paths.png")
-    return "paths.png"
+    return ctx.save_figure(fig, "paths.png")
 
 
 CLAIM = register_claim(Claim(

@@ -12,7 +12,7 @@ from reslab.diagnostics.responses import response_magnitudes
 from reslab.experiments import degradation
 from reslab.experiments.base import (Claim, ClaimResult, Context, differs, eval_batch, load_trained,
                                      register_claim, verdict_of)
-from reslab.report.plots import new_figure, save_figure
+from reslab.report.plots import new_figure
 
 VARIANTS = ("plain", "residual", "residual-zero-init")
 
@@ -58,8 +58,7 @@ def _plot(depths: list[int], curves: dict, ctx: Context) -> str:
     ax1.set(xlabel="block (original order)", ylabel="response std", yscale="log", title="Responses in layer order")
     ax2.set(xlabel="block (sorted by magnitude)", ylabel="response std", yscale="log", title="Responses sorted")
     ax1.legend(fontsize=7, ncol=2)
-    save_figure(fig, ctx.out / "responses.png")
-    return "responses.png"
+    return ctx.save_figure(fig, "responses.png")
 
 
 CLAIM = register_claim(Claim(
