@@ -20,7 +20,7 @@ Targets: detached <= 1% over the reference, attached <= 10%. ``--threads 1`` (de
 reproducible on a shared machine; ``--wait-quiet S`` first waits for other processes to go idle.
 
 ``--ablate`` times recorder variants on mlp56 against its detached step (what the attached cost is made of,
-including a prototype of a proposed Recorder change); ``--profile`` prints cProfile listings of the detached and
+and the built-in norm's reuse of a tensor tapped twice); ``--profile`` prints cProfile listings of the detached and
 attached steps. ``--write`` replaces the ``<!-- bench_recorder -->`` section of BENCHMARKS.md (``--note`` adds
 lines to it). Run ``python benchmarks/bench_recorder.py --help``.
 """
@@ -64,37 +64,10 @@ def norm_reduce(name: str, i: int, t: Tensor) -> Tensor:
     return t.detach().flatten(1).norm(dim=1)
 
 
-def grad_norm_reduce(name: str, i: int, g: Tensor) -> Tensor:
-    return g.flatten(1).norm(dim=1)
-
-
 def vector_norm_reduce(name: str, i: int, t: Tensor) -> Tensor:
     """The same per-sample norm, calling ``torch.linalg.vector_norm`` directly (``Tensor.norm`` goes through
     the Python wrapper ``torch.functional.norm`` first)."""
     return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())))
-
-
-class AliasReuseRecorder(Recorder):
-    """Prototype of a proposed :class:`Recorder` change (ablation only): when a tap hands over the very tensor
-    the previous kept tap had (``contribution`` is ``branch_out`` for schemes that add the branch as it is, and
-    ``resid_pre`` of block ``i + 1`` is ``resid_post`` of block ``i``), keep the earlier reduction instead of
-    computing it again. Valid only for reductions that ignore the tap name, such as a per-sample norm."""
-
-    _last: tuple[Tensor, Tensor] | None = None
-
-    def __call__(self, name: str, i: int, value: Tensor) -> None:
-        if self.want_grads and name == "resid_pre" and value.requires_grad:
-            value.register_hook(lambda g, i=i: self._keep_grad(i, g))
-        if name in self.names:
-            if self._last is not None and self._last[0] is value:
-                r = self._last[1]
-            else:
-                v = value.detach()
-                r = self.reduce(name, i, v) if self.reduce is not None else v
-                self._last = (value, r)
-            self._data[(name, i)].append(r)
-        if name == "final":
-            self._last = None
 
 
 class HandMLPBlock(nn.Module):
@@ -255,17 +228,18 @@ def run_model(name: str, rounds: int, steps_per_round: int, warmup: int, args: a
 
 ABLATION = {
     "taps on, nothing kept (`names=()`)": dict(names=()),
-    "4 taps x per-sample norm (`Tensor.norm`), no grads": dict(names=TAPS, reduce=norm_reduce),
-    "4 taps x per-sample norm (`linalg.vector_norm`), no grads": dict(names=TAPS, reduce=vector_norm_reduce),
+    "4 taps x per-sample norm, a user function (`Tensor.norm`), no grads": dict(names=TAPS, reduce=norm_reduce),
+    "4 taps x per-sample norm, a user function (`linalg.vector_norm`), no grads": dict(
+        names=TAPS, reduce=vector_norm_reduce),
+    "4 taps x built-in `reduce=\"norm\"` (reuses the norms of a tensor tapped twice), no grads": dict(
+        names=TAPS, reduce="norm"),
     "gradient hooks only (`grad_reduce` returns None)": dict(names=(), grads=True,
                                                              grad_reduce=lambda n, i, g: None),
-    "gradient hooks + per-sample norm (`Tensor.norm`)": dict(names=(), grads=True, grad_reduce=grad_norm_reduce),
-    "full config (the `attached` above)": dict(names=TAPS, reduce=norm_reduce, grads=True,
-                                               grad_reduce=grad_norm_reduce),
-    "full config with `linalg.vector_norm`": dict(names=TAPS, reduce=vector_norm_reduce, grads=True,
-                                                  grad_reduce=vector_norm_reduce),
-    "full config with `linalg.vector_norm` + alias reuse (prototype)": dict(
-        proto=True, names=TAPS, reduce=vector_norm_reduce, grads=True, grad_reduce=vector_norm_reduce),
+    "gradient hooks + built-in norm": dict(names=(), grads=True, grad_reduce="norm"),
+    "full config with user functions (`linalg.vector_norm`, no reuse)": dict(
+        names=TAPS, reduce=vector_norm_reduce, grads=True, grad_reduce=vector_norm_reduce),
+    "full config, built-in norms (the `attached` above)": dict(names=TAPS, reduce="norm", grads=True,
+                                                               grad_reduce="norm"),
 }
 
 
@@ -280,8 +254,7 @@ def run_ablation(name: str, rounds: int, steps_per_round: int, args: argparse.Na
     trunk = model.trunk
 
     def variant(kw: dict) -> Callable[[], None]:
-        kw = dict(kw)
-        rec = (AliasReuseRecorder if kw.pop("proto", False) else Recorder)(**kw)
+        rec = Recorder(**kw)
 
         def run() -> None:  # attach for this chunk of steps only: the other variants share the net
             trunk.set_tap(rec)
@@ -293,16 +266,15 @@ def run_ablation(name: str, rounds: int, steps_per_round: int, args: argparse.Na
 
         return run
 
-    # the prototype keeps exactly what the Recorder keeps
-    recs = [Recorder(TAPS, vector_norm_reduce, True, vector_norm_reduce),
-            AliasReuseRecorder(TAPS, vector_norm_reduce, True, vector_norm_reduce)]
+    # the built-in norm (with reuse) keeps exactly what a per-tap norm function keeps
+    recs = [Recorder(TAPS, vector_norm_reduce, True, vector_norm_reduce), Recorder(TAPS, "norm", True, "norm")]
     for rec in recs:
         trunk.set_tap(rec)
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         trunk.set_tap(None)
     kept = [[*(torch.stack(r.get(n)) for n in TAPS), torch.stack(r.grads())] for r in recs]
-    assert all(torch.equal(a, b) for a, b in zip(*kept)), "alias reuse changed what is recorded"
+    assert all(torch.equal(a, b) for a, b in zip(*kept)), "norm reuse changed what is recorded"
     steps = {"detached": base, **{k: variant(kw) for k, kw in ABLATION.items()}}
     for st in steps.values():
         time_steps(st, 2, args.device)
@@ -375,7 +347,7 @@ timed in the same process in interleaved rounds (the order rotates each round):
 - `detached`: the reslab model as shipped: no recorder, no hooks;
 - `attached`: inside `record(model, names=("resid_pre", "branch_out", "contribution", "resid_post"),
   reduce="norm", grads=True, grad_reduce="norm")` (the recorder's built-in per-sample norms,
-  `torch.linalg.vector_norm` on each tapped tensor), with `rec.clear()` after every step.
+  `torch.linalg.vector_norm`, computed once per distinct tensor), with `rec.clear()` after every step.
 
 Ratios are paired per round (step time over the reference's in the same round), summarised by the median with
 a distribution-free 95% confidence interval (order statistics), quartiles and range.
@@ -392,9 +364,10 @@ fraction of the step. The attached target is judged against the same reference (
 recorded step costs <= 10% more than plain PyTorch"); attached/detached, the recorder's own cost, is given too.
 
 The ablation (`--ablate`, mlp56 only) times recorder variants on one reslab net against its own detached step
-in the same interleaved rounds, to show what the attached cost is made of; its last line is a prototype of a
-proposed change, not reslab code (`AliasReuseRecorder` in the script: a tap that hands over the same tensor as
-the previous kept tap reuses its reduction).
+in the same interleaved rounds, to show what the attached cost is made of. The built-in `reduce="norm"` reuses
+the norms when a tap hands over the very tensor the previous kept tap had (`contribution` is `branch_out` for
+the identity scheme; `resid_pre` of block i+1 is `resid_post` of block i), so it computes about half as many
+norms as a user function, which cannot be assumed to ignore the tap's name.
 
 Targets: **detached <= 1%** (ratio <= {TARGET['detached']:.2f}), **norms + gradient norms attached <= 10%**
 (ratio <= {TARGET['attached']:.2f}). Run with `--threads 1` (the default): on a 2-core machine shared with

@@ -146,19 +146,23 @@ def test_reorder_runs_blocks_in_order_and_refuses_shape_moves():
         net.trunk.set_order([1, 0, 2])
 
 
-def test_norm_reduction_equals_per_tap_norms():
-    net = reslab.create_model("resnet8", width=4, input_shape=(3, 8, 8))
+@pytest.mark.parametrize("scheme", ["identity", "layerscale", "highway"])
+def test_norm_reduction_equals_per_tap_norms(scheme):
+    """The built-in "norm" (which reuses the norms of a tensor tapped twice in a row) equals a per-tap norm."""
+    net = reslab.create_model("resnet8", residual=scheme, width=4, input_shape=(3, 8, 8))
     x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 10, (5,))
     per_sample = lambda n, i, t: t.flatten(1).norm(dim=1)  # noqa: E731
+    taps = ("resid_pre", "branch_out", "contribution", "resid_post", "final")
     results = []
     for reduce in (per_sample, "norm"):
         net.zero_grad()
-        with record(net, names=("resid_pre", "branch_out"), reduce=reduce, grads=True, grad_reduce=reduce) as rec:
+        with record(net, names=taps, reduce=reduce, grads=True, grad_reduce=reduce) as rec:
             for _ in range(2):  # two steps: batches concatenate
                 torch.nn.functional.cross_entropy(net(x), y).backward()
-            results.append((rec.get("resid_pre"), rec.get("branch_out"), rec.grads()))
+            results.append([rec.get(t) for t in taps] + [rec.grads()])
+            assert rec._last is None  # no tensor of a finished forward is held
     for a, b in zip(*results):
-        assert len(a) == len(b) == 3
+        assert len(a) == len(b) and len(a) in (1, 3)
         for ta, tb in zip(a, b):
             assert ta.shape == (10,)
             torch.testing.assert_close(ta, tb)

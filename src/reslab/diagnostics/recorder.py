@@ -10,6 +10,9 @@ Usage::
 
 ``reduce`` turns each tapped tensor into something smaller before it is kept, so a recorder can run over a whole
 dataset: a function ``reduce(name, i, tensor)``, or ``"norm"`` for per-sample L2 norms over all non-batch axes.
+The built-in ``"norm"`` does not depend on the tap's name, so when a tap hands over the very tensor the previous
+kept tap had (``contribution`` is ``branch_out`` for schemes that add the branch as it is; ``resid_pre`` of block
+``i + 1`` is ``resid_post`` of block ``i``) its norms are reused instead of computed again.
 The context manager always detaches, also on error.
 """
 
@@ -56,13 +59,24 @@ class Recorder:
         self.want_grads = grads
         self._data: dict[tuple[str, int], list[Tensor]] = defaultdict(list)
         self._grads: dict[int, list[Tensor]] = defaultdict(list)
+        self._reuse = reduce == "norm"  # a name-independent reduction: the same tensor twice gives the same result
+        self._last: tuple[Tensor, Tensor] | None = None  # (tapped tensor, its reduction) of the last kept tap
 
     def __call__(self, name: str, i: int, value: Tensor) -> None:
         if self.want_grads and name == "resid_pre" and value.requires_grad:
             value.register_hook(lambda g, i=i: self._keep_grad(i, g))
         if name in self.names:
-            v = value.detach()
-            self._data[(name, i)].append(self.reduce(name, i, v) if self.reduce is not None else v)
+            last = self._last
+            if last is not None and last[0] is value:
+                kept = last[1]
+            else:
+                v = value.detach()
+                kept = self.reduce(name, i, v) if self.reduce is not None else v
+                if self._reuse:
+                    self._last = (value, kept)
+            self._data[(name, i)].append(kept)
+        if name == "final":
+            self._last = None  # hold no reference to this forward's tensors past its end
 
     def _keep_grad(self, i: int, g: Tensor) -> None:
         g = g.detach()
@@ -80,6 +94,7 @@ class Recorder:
     def clear(self) -> None:
         self._data.clear()
         self._grads.clear()
+        self._last = None
 
 
 def trunk_of(model: nn.Module) -> Trunk:
