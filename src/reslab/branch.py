@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from torch import Tensor
+
+
+ROLES = ("", "attn", "mlp")
 
 
 @dataclass(frozen=True)
@@ -16,12 +20,15 @@ class BranchSpec:
         out_dim: channels or features the branch writes.
         stride: spatial stride of the branch (conv layout only).
         layout: ``"conv"`` for ``(N, C, H, W)`` maps, ``"features"`` for ``(..., C)`` vectors/tokens.
+        role: what the branch is inside its layer: ``""`` (a whole residual block), ``"attn"`` or ``"mlp"``
+            (a transformer layer's two sublayers; a layer starts at each branch that is not ``"mlp"``).
     """
 
     in_dim: int
     out_dim: int
     stride: int = 1
     layout: str = "conv"
+    role: str = ""
 
     def __post_init__(self) -> None:
         if self.in_dim <= 0 or self.out_dim <= 0 or self.stride <= 0:
@@ -30,6 +37,8 @@ class BranchSpec:
             raise ValueError(f"unknown layout {self.layout!r}; expected 'conv' or 'features'")
         if self.layout == "features" and self.stride != 1:
             raise ValueError("a 'features' branch cannot have a stride")
+        if self.role not in ROLES:
+            raise ValueError(f"unknown branch role {self.role!r}; expected one of {ROLES}")
 
     @property
     def changes_shape(self) -> bool:
@@ -39,3 +48,20 @@ class BranchSpec:
     def channel_view(self, v: Tensor) -> Tensor:
         """Reshape a per-channel vector so it broadcasts against this branch's output."""
         return v.view(-1, 1, 1) if self.layout == "conv" else v
+
+
+def layer_of(specs: Sequence[BranchSpec]) -> tuple[int, ...]:
+    """The layer each branch belongs to: residual blocks are one layer each; a transformer layer is an
+    attention sublayer and the MLP sublayers after it (a new layer starts at each branch that is not ``"mlp"``).
+    """
+    layers, k = [], -1
+    for s in specs:
+        k += s.role != "mlp" or k < 0
+        layers.append(k)
+    return tuple(layers)
+
+
+def layer_count(specs: Sequence[BranchSpec]) -> int:
+    """Number of layers (see :func:`layer_of`): the depth that per-layer rules such as CaiT's LayerScale
+    init and DeepNorm's constants are stated in."""
+    return layer_of(specs)[-1] + 1 if specs else 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from reslab.branch import BranchSpec
@@ -58,14 +59,26 @@ class ResidualScheme(nn.Module):
             ``None`` picks ``"A"`` (parameter-free) for them.
         post: operation applied after the combination (``"relu"`` for the original post-activation
             ResNet of He et al. 2015), or ``None``.
+        norm: where a normalisation sits on feature streams (transformers), one of :data:`NORM_PLACEMENTS`:
+            ``"pre"`` normalises what each branch reads, ``x + F(N(x))`` (Pre-LN, Xiong et al. 2020);
+            ``"post"`` normalises the stream after each combination, ``N(x + F(x))`` (Post-LN, Vaswani et al.
+            2017); ``"sandwich"`` normalises both the branch input and its output, ``x + N'(F(N(x)))``
+            (Ding et al. 2021, CogView); ``None`` / ``"none"``: no norm. ``None`` takes the scheme's
+            :attr:`default_norm`. The final norm of Pre-LN models belongs to the family's head (it is also the
+            logit lens's decoder).
+        norm_type: ``"layernorm"`` or ``"rmsnorm"``.
     """
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities] = Capabilities()
+    #: norm placement used when none is given; ``None`` lets the model family choose (Pre-LN for transformers)
+    default_norm: ClassVar[str | None] = None
+    #: placements the rule supports
+    norm_placements: ClassVar[tuple[str, ...]] = ("none", "pre", "post", "sandwich")
 
     def __init__(self, specs: Sequence[BranchSpec], shortcut: str | None = None,
-                 post: str | None = None) -> None:
+                 post: str | None = None, norm: str | None = None, norm_type: str = "layernorm") -> None:
         super().__init__()
         self.specs = tuple(specs)
         if not self.specs:
@@ -86,7 +99,49 @@ class ResidualScheme(nn.Module):
         else:
             self.shortcut_option = None
         self.post = _make_post(post)
+        self._init_norms(norm if norm is not None else (self.default_norm or "none"), norm_type, post)
         self.tap: Tap | None = None
+
+    def _init_norms(self, norm: str, norm_type: str, post: str | None) -> None:
+        if norm not in NORM_PLACEMENTS:
+            raise ValueError(f"unknown norm placement {norm!r}; expected one of {', '.join(NORM_PLACEMENTS)}")
+        if norm not in self.norm_placements:
+            raise ValueError(f"residual scheme {self.name!r} supports norm placement "
+                             f"{' / '.join(self.norm_placements)}, not {norm!r}")
+        if norm_type not in NORM_TYPES:
+            raise ValueError(f"unknown norm_type {norm_type!r}; expected one of {', '.join(NORM_TYPES)}")
+        if norm != "none" and any(s.layout != "features" for s in self.specs):
+            raise ValueError(f"norm placement {norm!r} needs feature streams (transformer tokens, MLPs); "
+                             "convolutional branches carry their own BatchNorm")
+        if norm == "post" and post not in (None, "none"):
+            raise ValueError(f"norm='post' and post={post!r} both act after the combination; choose one")
+        self.norm_placement, self.norm_type = norm, norm_type
+        make = NORM_TYPES[norm_type]
+        self.in_norms = nn.ModuleList(make(s.in_dim) for s in self.specs) if norm in ("pre", "sandwich") else None
+        self.out_norms = nn.ModuleList(make(s.out_dim) for s in self.specs) if norm == "sandwich" else None
+        self.post_norms = nn.ModuleList(make(s.out_dim) for s in self.specs) if norm == "post" else None
+
+    # --- norm placement, for every rule ------------------------------------------------------
+    def norm_in(self, i: int, x: Tensor) -> Tensor:
+        """What branch ``i`` reads from stream ``x``: ``N_i(x)`` with a pre or sandwich norm, else ``x``."""
+        return x if self.in_norms is None else self.in_norms[i](x)
+
+    def norm_out(self, i: int, out: Tensor) -> Tensor:
+        """Branch ``i``'s output as the rule uses it: ``N'_i(out)`` with a sandwich norm, else ``out``."""
+        return out if self.out_norms is None else self.out_norms[i](out)
+
+    def finish(self, i: int, y: Tensor) -> Tensor:
+        """The stream after combination ``i``: the post operation, then the post norm ``N_i`` if any."""
+        y = self.post(y)
+        return y if self.post_norms is None else self.post_norms[i](y)
+
+    def init_branches(self, branches: Sequence[nn.Module]) -> None:
+        """Re-initialise branch parameters the rule prescribes (e.g. DeepNorm's beta); default: nothing.
+
+        Called once by :func:`reslab.create_model` after the family built the branches. Implementations select
+        parameters by the role a branch module declares (:func:`reslab.models.blocks.role_modules`), never by
+        parameter name.
+        """
 
     # --- the protocol ------------------------------------------------------------------------
     def begin(self, x0: Tensor) -> Any:
@@ -94,8 +149,8 @@ class ResidualScheme(nn.Module):
         return x0
 
     def read(self, state: Any, i: int) -> Tensor:
-        """What branch ``i`` sees (default: the stream)."""
-        return state
+        """What branch ``i`` sees (default: the stream, through the pre norm if any)."""
+        return self.norm_in(i, state)
 
     def write(self, state: Any, i: int, out: Tensor, h: Tensor) -> Any:
         """Combine branch ``i``'s output ``out`` (computed from ``h``) into the state."""
@@ -118,24 +173,45 @@ class ResidualScheme(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        return f"branches={len(self.specs)}, shortcut={self.shortcut_option}"
+        norm = "" if self.norm_placement == "none" else f", norm={self.norm_placement} ({self.norm_type})"
+        return f"branches={len(self.specs)}, shortcut={self.shortcut_option}{norm}"
 
 
 class AdditiveScheme(ResidualScheme):
-    """``y = post(skip_i(x) + contribution_i(F(x)))``: the family of additive combinations.
+    """``y = finish_i(skip_i(x) + contribution_i(F(x)))``: the family of additive combinations.
 
     Subclasses override :meth:`skip` (the skip path, which is also what a lesion leaves) and
-    :meth:`contribution` (what is actually added from the branch).
+    :meth:`contribution` (what is actually added from the branch). ``finish_i`` is the post operation and
+    post norm (:meth:`ResidualScheme.finish`); a sandwich norm applies to the branch output first.
     """
 
     def contribution(self, out: Tensor, h: Tensor, i: int) -> Tensor:
         return out
 
     def write(self, state: Tensor, i: int, out: Tensor, h: Tensor) -> Tensor:
-        c = self.contribution(out, h, i)
+        c = self.contribution(self.norm_out(i, out), h, i)
         if self.tap is not None:
             self.tap("contribution", i, c)
-        return self.post(self.skip(state, i) + c)
+        return self.finish(i, self.skip(state, i) + c)
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * g`` over the last axis (Zhang & Sennrich 2019, arXiv 1910.07467), learnable gain ``g``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.rms_norm(x, (self.dim,), self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
+
+
+NORM_PLACEMENTS = ("none", "pre", "post", "sandwich")
+NORM_TYPES: dict[str, Callable[[int], nn.Module]] = {"layernorm": nn.LayerNorm, "rmsnorm": RMSNorm}
 
 
 def _make_post(post: str | None) -> nn.Module:

@@ -19,8 +19,8 @@ class ConvShortcut(AdditiveScheme):
 
     capabilities = Capabilities(uses_shortcut=False, owns_shortcut=True)
 
-    def __init__(self, specs, shortcut=None, post=None) -> None:
-        super().__init__(specs, shortcut=shortcut, post=post)
+    def __init__(self, specs, **kw) -> None:
+        super().__init__(specs, **kw)
         self.projections = nn.ModuleList(
             nn.Conv2d(s.in_dim, s.out_dim, 1, stride=s.stride, bias=False) if s.layout == "conv"
             else nn.Linear(s.in_dim, s.out_dim, bias=False) for s in self.specs)

@@ -20,8 +20,8 @@ from reslab.residuals.base import AdditiveScheme, register_residual
 class DropoutShortcut(AdditiveScheme):
     """``y = post(dropout_p(shortcut(x)) + F(x))``."""
 
-    def __init__(self, specs, p: float = 0.5, shortcut=None, post=None) -> None:
-        super().__init__(specs, shortcut=shortcut, post=post)
+    def __init__(self, specs, p: float = 0.5, **kw) -> None:
+        super().__init__(specs, **kw)
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout_shortcut: p must be in [0, 1), got {p}")
         self.p = float(p)

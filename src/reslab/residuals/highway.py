@@ -42,14 +42,15 @@ class GatedScheme(ResidualScheme):
     gate_skip = True
     default_bias = -2.0
 
-    def __init__(self, specs, gate_bias: float | None = None, shortcut=None, post=None) -> None:
-        super().__init__(specs, shortcut=shortcut, post=post)
+    def __init__(self, specs, gate_bias: float | None = None, **kw) -> None:
+        super().__init__(specs, **kw)
         bias = self.default_bias if gate_bias is None else float(gate_bias)
         self.gate_bias = bias
         self.gates = nn.ModuleList(_gate(s, bias) for s in self.specs)
 
     def write(self, state: Tensor, i: int, out: Tensor, h: Tensor) -> Tensor:
         t = torch.sigmoid(self.gates[i](h))
+        out = self.norm_out(i, out)
         c = t * out if self.gate_branch else out
         carry = self.shortcuts[i](state)
         if self.gate_skip:
@@ -57,7 +58,7 @@ class GatedScheme(ResidualScheme):
         if self.tap is not None:
             self.tap("mix", i, t)
             self.tap("contribution", i, c)
-        return self.post(carry + c)
+        return self.finish(i, carry + c)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gate_bias={self.gate_bias:g}"

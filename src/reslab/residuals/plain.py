@@ -18,14 +18,15 @@ class Plain(ResidualScheme):
 
     capabilities = Capabilities(uses_shortcut=False)
 
-    def __init__(self, specs, shortcut=None, post=None) -> None:
-        super().__init__(specs, shortcut=shortcut, post=post)
+    def __init__(self, specs, **kw) -> None:
+        super().__init__(specs, **kw)
         self.lesion_skips = nn.ModuleList(ParameterFreeSkip(s) for s in self.specs)
 
     def write(self, state: Tensor, i: int, out: Tensor, h: Tensor) -> Tensor:
+        out = self.norm_out(i, out)
         if self.tap is not None:
             self.tap("contribution", i, out)
-        return self.post(out)
+        return self.finish(i, out)
 
     def skip(self, state: Tensor, i: int) -> Tensor:
         return self.lesion_skips[i](state)

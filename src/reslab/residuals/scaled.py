@@ -23,8 +23,8 @@ from reslab.residuals.base import AdditiveScheme, register_residual
 class Scaled(AdditiveScheme):
     """``x_{l+1} = post(a * shortcut(x_l) + b * F_l(x_l))`` with constant ``a``, ``b``."""
 
-    def __init__(self, specs, a: float = 1.0, b: float | str = "1/sqrt(L)", shortcut=None, post=None) -> None:
-        super().__init__(specs, shortcut=shortcut, post=post)
+    def __init__(self, specs, a: float = 1.0, b: float | str = "1/sqrt(L)", **kw) -> None:
+        super().__init__(specs, **kw)
         if isinstance(b, str):
             if b.replace(" ", "") != "1/sqrt(L)":
                 raise ValueError(f"scaled: b must be a number or '1/sqrt(L)', got {b!r}")
