@@ -13,18 +13,35 @@ TINY_FAMILIES = {
     "preact_resnet8": dict(width=4, input_shape=(3, 8, 8)),
     "mlp8": dict(width=8, input_shape=(12,)),
     "preact_mlp8": dict(width=8, input_shape=(12,)),
+    "gpt2": dict(d_model=8, n_heads=2, input_shape=(7,)),
 }
+NUM_CLASSES = 5  # also the vocabulary of the tiny language models
 
 
 def tiny_model(name: str, residual: str = "identity", **kw) -> reslab.ResidualNet:
     opts = dict(TINY_FAMILIES[name])
     opts.update(kw)
-    return reslab.create_model(name, residual, num_classes=5, **opts)
+    return reslab.create_model(name, residual, num_classes=NUM_CLASSES, **opts)
+
+
+def is_lm(name: str) -> bool:
+    return name.startswith("gpt")
 
 
 def tiny_input(name: str, batch: int = 6, seed: int = 0) -> torch.Tensor:
+    """Random inputs: token ids for language models, standard normal values otherwise."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, *TINY_FAMILIES[name]["input_shape"], generator=g)
+    shape = (batch, *TINY_FAMILIES[name]["input_shape"])
+    if is_lm(name):
+        return torch.randint(0, NUM_CLASSES, shape, generator=g)
+    return torch.randn(*shape, generator=g)
+
+
+def tiny_output_shape(name: str, batch: int = 6) -> tuple[int, ...]:
+    """Logits: ``(batch, classes)``, or ``(batch, context, vocab)`` for language models."""
+    if is_lm(name):
+        return (batch, *TINY_FAMILIES[name]["input_shape"], NUM_CLASSES)
+    return (batch, NUM_CLASSES)
 
 
 @pytest.fixture(autouse=True)

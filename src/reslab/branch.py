@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from torch import Tensor
-
+from torch import Tensor, nn
 
 ROLES = ("", "attn", "mlp")
 
@@ -65,3 +64,21 @@ def layer_count(specs: Sequence[BranchSpec]) -> int:
     """Number of layers (see :func:`layer_of`): the depth that per-layer rules such as CaiT's LayerScale
     init and DeepNorm's constants are stated in."""
     return layer_of(specs)[-1] + 1 if specs else 0
+
+
+def weights_by_role(branches: Sequence[nn.Module], *roles: str) -> list[Tensor]:
+    """The weights of ``branches`` that play any of ``roles``, each once (branches without roles give none).
+
+    A branch declares roles through a ``projections() -> {role: [weight, ...]}`` method (views allowed), e.g.
+    ``query``, ``key``, ``value``, ``out`` (writes to the stream), ``ffn``.
+    """
+    seen: dict[tuple[int, tuple[int, ...]], Tensor] = {}
+    for b in branches:
+        proj = getattr(b, "projections", None)
+        if proj is None:
+            continue
+        for role, ws in proj().items():
+            if role in roles:
+                for w in ws:
+                    seen.setdefault((w.data_ptr(), tuple(w.shape)), w)
+    return list(seen.values())

@@ -162,7 +162,8 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, x: Tensor, y: Tensor, batch_size: int = 1000,
              amp: bool = False) -> dict[str, float]:
-    """Mean cross-entropy and error rate of ``model`` on ``(x, y)`` in eval mode."""
+    """Mean cross-entropy (nats) and error rate of ``model`` on ``(x, y)`` in eval mode, per target: one per
+    sample for classifiers, one per token for language models (targets ``(N, T)``, logits ``(N, T, V)``)."""
     was_training = model.training
     model.eval()
     loss_sum, wrong = 0.0, 0
@@ -170,10 +171,10 @@ def evaluate(model: nn.Module, data: Dataset, x: Tensor, y: Tensor, batch_size: 
         xb, yb = data.prepare(x[i:i + batch_size], train=False), y[i:i + batch_size]
         with _autocast(xb.device, amp):
             logits = model(xb)
-        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
-        wrong += (logits.argmax(1) != yb).sum().item()
+        loss_sum += F.cross_entropy(logits.float().flatten(0, -2), yb.flatten(), reduction="sum").item()
+        wrong += (logits.argmax(-1) != yb).sum().item()
     model.train(was_training)
-    n = max(1, len(y))
+    n = max(1, y.numel())
     return {"loss": loss_sum / n, "error": wrong / n}
 
 
@@ -266,7 +267,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
                     group["lr"] = lr
                 with _autocast(device, cfg.amp):
                     logits = model(xb)
-                loss = F.cross_entropy(logits.float(), yb)
+                loss = F.cross_entropy(logits.float().flatten(0, -2), yb.flatten())
                 step += 1
                 if not torch.isfinite(loss):
                     diverged_step = step
@@ -274,13 +275,14 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                loss_sum += loss.detach() * len(yb)
-                wrong += (logits.detach().argmax(1) != yb).sum()
+                loss_sum += loss.detach() * yb.numel()
+                wrong += (logits.detach().argmax(-1) != yb).sum()
                 bar.update(1)
             if diverged_step is not None:
                 break
             row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lr,
-                                   "train_loss": loss_sum.item() / n, "train_error": wrong.item() / n}
+                                   "train_loss": loss_sum.item() / y_tr.numel(),
+                                   "train_error": wrong.item() / y_tr.numel()}
             if cfg.eval_train:
                 ev = evaluate(model, data, x_tr, y_tr, amp=cfg.amp)
                 row.update(train_eval_loss=ev["loss"], train_eval_error=ev["error"])

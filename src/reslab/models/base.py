@@ -28,6 +28,7 @@ class FamilyParts:
     specs: list[BranchSpec]
     head: nn.Module
     post: str | None = None
+    norm: str | None = None  # the family's norm placement for schemes that leave it open (gpt: "pre")
 
 
 @dataclass(frozen=True)
@@ -140,9 +141,12 @@ def create_model(name: str, residual: str = "identity", shortcut: str | None = N
         raise ValueError(f"model family {fam.name!r}: {e}") from None
     kwargs = dict(residual_kwargs or {})
     kwargs.setdefault("post", parts.post)
+    if parts.norm is not None and residual_class(residual).default_norm is None:
+        kwargs.setdefault("norm", parts.norm)
     if shortcut is not None:
         kwargs["shortcut"] = shortcut
     scheme = create_residual(residual, parts.specs, **kwargs)
+    scheme.bind(parts.branches)
     if zero_init_last:
         for b in parts.branches:
             b.zero_init_last_()

@@ -2,8 +2,8 @@
 
 from reslab.residuals.base import (AdditiveScheme, Capabilities, ResidualScheme, create_residual,
                                    list_residuals, register_residual, residual_class)
-from reslab.residuals import (conv_shortcut, dropout_shortcut, highway, identity, layerscale, plain,  # noqa: F401
-                              rezero, scaled, skipinit)
+from reslab.residuals import (conv_shortcut, deepnorm, dropout_shortcut, highway, identity,  # noqa: F401
+                              layerscale, norm_placement, plain, rezero, scaled, skipinit)
 
 __all__ = ["AdditiveScheme", "Capabilities", "ResidualScheme", "create_residual", "list_residuals",
            "register_residual", "residual_class"]

@@ -99,10 +99,10 @@ class ResidualScheme(nn.Module):
         else:
             self.shortcut_option = None
         self.post = _make_post(post)
-        self._init_norms(norm if norm is not None else (self.default_norm or "none"), norm_type, post)
+        self._init_norms(norm if norm is not None else (self.default_norm or "none"), norm_type)
         self.tap: Tap | None = None
 
-    def _init_norms(self, norm: str, norm_type: str, post: str | None) -> None:
+    def _init_norms(self, norm: str, norm_type: str) -> None:
         if norm not in NORM_PLACEMENTS:
             raise ValueError(f"unknown norm placement {norm!r}; expected one of {', '.join(NORM_PLACEMENTS)}")
         if norm not in self.norm_placements:
@@ -113,8 +113,6 @@ class ResidualScheme(nn.Module):
         if norm != "none" and any(s.layout != "features" for s in self.specs):
             raise ValueError(f"norm placement {norm!r} needs feature streams (transformer tokens, MLPs); "
                              "convolutional branches carry their own BatchNorm")
-        if norm == "post" and post not in (None, "none"):
-            raise ValueError(f"norm='post' and post={post!r} both act after the combination; choose one")
         self.norm_placement, self.norm_type = norm, norm_type
         make = NORM_TYPES[norm_type]
         self.in_norms = nn.ModuleList(make(s.in_dim) for s in self.specs) if norm in ("pre", "sandwich") else None
@@ -135,13 +133,11 @@ class ResidualScheme(nn.Module):
         y = self.post(y)
         return y if self.post_norms is None else self.post_norms[i](y)
 
-    def init_branches(self, branches: Sequence[nn.Module]) -> None:
-        """Re-initialise branch parameters the rule prescribes (e.g. DeepNorm's beta); default: nothing.
-
-        Called once by :func:`reslab.create_model` after the family built the branches. Implementations select
-        parameters by the role a branch module declares (:func:`reslab.models.blocks.role_modules`), never by
-        parameter name.
-        """
+    def bind(self, branches: Sequence[nn.Module]) -> None:
+        """Meet the branches once, after the family built them (called by :func:`reslab.create_model`):
+        re-initialise what the rule prescribes (DeepNorm's beta) or wire per-branch hooks (value residual).
+        Default: nothing. Weights are selected by the role a branch declares
+        (:func:`reslab.branch.weights_by_role`), never by parameter name."""
 
     # --- the protocol ------------------------------------------------------------------------
     def begin(self, x0: Tensor) -> Any:
