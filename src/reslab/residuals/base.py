@@ -168,6 +168,32 @@ class ResidualScheme(nn.Module):
         """The residual stream held in ``state`` as one tensor, for taps."""
         return state
 
+    def decompose(self, x0: Tensor, outs: Sequence[Tensor], mix: Sequence[Tensor | None]) -> Tensor:
+        """Replay the rule on recorded tensors: what each component contributes to the final stream.
+
+        Args:
+            x0: the trunk input (the stem output).
+            outs: every branch's raw output (the ``branch_out`` taps), in depth order.
+            mix: what the scheme emitted on the ``mix`` tap at each depth ``0..L`` (``None`` where nothing),
+                index ``L`` being a final read (Attention Residuals).
+
+        Returns:
+            ``(1 + L, *final.shape)``: the contributions of ``x0, out_0, ..., out_{L-1}`` as actually added (after
+            gates, scales, depth weights, stream mixing), summing exactly to what :meth:`end` returns.
+
+        Raises:
+            ValueError: the final stream is not a sum of per-component terms (a post norm or activation).
+        """
+        raise ValueError(f"residual scheme {self.name!r} does not decompose its stream")
+
+    def _check_linear(self) -> None:
+        """Refuse a decomposition where the rule renormalises or activates the stream after combining."""
+        if self.post_norms is not None or not isinstance(self.post, nn.Identity):
+            raise ValueError(f"residual scheme {self.name!r} normalises or activates the stream after each "
+                             "combination, so the final stream is not a sum of components")
+        if self.shortcut_option not in (None, "A") and any(s.changes_shape for s in self.specs):
+            raise ValueError(f"shortcut {self.shortcut_option!r} is affine, not linear: no exact decomposition")
+
     def extra_repr(self) -> str:
         norm = "" if self.norm_placement == "none" else f", norm={self.norm_placement} ({self.norm_type})"
         return f"branches={len(self.specs)}, shortcut={self.shortcut_option}{norm}"
@@ -189,6 +215,15 @@ class AdditiveScheme(ResidualScheme):
         if self.tap is not None:
             self.tap("contribution", i, c)
         return self.finish(i, self.skip(state, i) + c)
+
+    def decompose(self, x0: Tensor, outs: Sequence[Tensor], mix: Sequence[Tensor | None]) -> Tensor:
+        """``x_L = S(x0) + sum_i S_{>i}(c_i)``: each term carried through the (linear) skip paths after it."""
+        self._check_linear()
+        comps = [x0]
+        for i, out in enumerate(outs):
+            comps = [self.skip(c, i) for c in comps]
+            comps.append(self.contribution(self.norm_out(i, out), out, i))
+        return torch.stack(comps)
 
 
 class RMSNorm(nn.Module):

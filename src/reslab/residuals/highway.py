@@ -60,6 +60,18 @@ class GatedScheme(ResidualScheme):
             self.tap("contribution", i, c)
         return self.finish(i, carry + c)
 
+    def decompose(self, x0, outs, mix) -> Tensor:
+        """Replay with the recorded gates ``T_i`` (``mix[i]``): carry terms scaled by ``1 - T_i``."""
+        self._check_linear()
+        comps = [x0]
+        for i, (out, t) in enumerate(zip(outs, mix)):
+            comps = [self.shortcuts[i](c) for c in comps]
+            if self.gate_skip:
+                comps = [(1.0 - t) * c for c in comps]
+            out = self.norm_out(i, out)
+            comps.append(t * out if self.gate_branch else out)
+        return torch.stack(comps)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gate_bias={self.gate_bias:g}"
 

@@ -7,6 +7,7 @@ and subsampled where the branch changes shape, so "remove layer i" means exactly
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from reslab.residuals.base import Capabilities, ParameterFreeSkip, ResidualScheme, register_residual
@@ -27,6 +28,12 @@ class Plain(ResidualScheme):
         if self.tap is not None:
             self.tap("contribution", i, out)
         return self.finish(i, out)
+
+    def decompose(self, x0, outs, mix) -> Tensor:
+        """Only the last branch reaches the output: every other component contributes zero."""
+        self._check_linear()
+        last = self.norm_out(len(outs) - 1, outs[-1])
+        return torch.stack([torch.zeros_like(last)] * len(outs) + [last])
 
     def skip(self, state: Tensor, i: int) -> Tensor:
         return self.lesion_skips[i](state)
