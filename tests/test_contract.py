@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import reslab
+from reslab.diagnostics.decomposition import decompose
 from reslab.models import list_families
 from reslab.residuals import residual_class
 
@@ -132,3 +133,25 @@ def test_lesioning_nothing_changes_nothing(family, scheme):
     assert torch.equal(m(x), y)
     m.trunk.set_lesion([1])
     assert not torch.equal(m(x), y)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_decomposition_sums_to_the_final_stream(family, scheme):
+    """Every scheme's contributions (as actually added) add up to the final stream, or the scheme says why not:
+    it renormalises or activates the stream after each combination."""
+    torch.manual_seed(0)
+    m = build(family, scheme).eval()
+    perturb(m)
+    s = m.trunk.scheme
+    linear = s.post_norms is None and isinstance(s.post, torch.nn.Identity) and not (
+        s.shortcut_option not in (None, "A") and any(sp.changes_shape for sp in s.specs))
+    x = tiny_input(family)
+    if not linear:
+        with pytest.raises(ValueError, match="not a sum of components|not linear"):
+            decompose(m, x)
+        return
+    dec = decompose(m, x)
+    assert dec.components.shape == (1 + len(m.trunk), *dec.final.shape)
+    torch.testing.assert_close(dec.components.sum(0), dec.final, rtol=1e-4, atol=1e-5)
+    assert dec.projections().sum() == pytest.approx(1.0, abs=1e-4)

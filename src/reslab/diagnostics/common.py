@@ -17,8 +17,9 @@ def channel_dim(model: nn.Module, i: int) -> int:
 
 
 def flat(t: Tensor) -> Tensor:
-    """``(N, ...) -> (N, D)``."""
-    return t.reshape(t.shape[0], -1)
+    """One row per sample: ``(N, C, H, W) -> (N, CHW)``, ``(N, d)`` as it is; token streams ``(N, T, d)`` give one
+    row per token, ``(N * T, d)`` (the unit in which transformer stream norms are stated)."""
+    return t.reshape(-1, t.shape[-1]) if t.dim() == 3 else t.reshape(t.shape[0], -1)
 
 
 @contextlib.contextmanager

@@ -87,6 +87,10 @@ class Recorder:
         depths = sorted(i for (n, i) in self._data if n == name)
         return [torch.cat(self._data[(name, i)]) for i in depths]
 
+    def by_depth(self, name: str, n: int) -> list[Tensor | None]:
+        """Tensors tapped under ``name`` at depths ``0..n-1`` (batches concatenated), ``None`` where nothing was."""
+        return [torch.cat(self._data[(name, i)]) if (name, i) in self._data else None for i in range(n)]
+
     def grads(self) -> list[Tensor]:
         """``dL/d(resid_pre_i)`` per depth, batches concatenated along dim 0."""
         return [torch.cat(self._grads[i]) for i in sorted(self._grads)]

@@ -1,0 +1,160 @@
+"""Residual decomposition, direct logit attribution and the logit lens (REFERENCE.md section 11).
+
+The final stream is what every component wrote: ``x_final = sum_c contribution_c`` over the embedding ``x0``
+and every branch, where a contribution is what was *actually* added: after gates and scales, through the
+depth weights of Attention Residuals and DenseFormer, through the stream matrices of hyper-connections. The
+scheme replays its own rule on the recorded tensors (:meth:`ResidualScheme.decompose`), so the decomposition is
+right for every scheme and sums exactly to the final stream; schemes that renormalise the stream after each
+sublayer (Post-LN, DeepNorm) have no such decomposition and say so.
+
+- :func:`decompose`: the contributions, their shares of the final stream and their projections onto it.
+- :func:`direct_logit_attribution`: each component's direct effect on a target logit, through the head's final
+  norm with its scale frozen from the full forward pass (the terms add up to the logit exactly).
+- :func:`logit_lens`: decode every intermediate stream with the model's own head (final norm + unembedding);
+  KL divergence to the final distribution and loss per depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reslab.branch import layer_of
+from reslab.diagnostics.common import flat
+from reslab.diagnostics.recorder import record, trunk_of
+from reslab.residuals.base import RMSNorm
+
+
+@dataclass
+class Decomposition:
+    """Contributions of ``[x0, branch_0, ..., branch_{L-1}]`` to the final stream.
+
+    Attributes:
+        components: ``(1 + L, *final.shape)``; ``components.sum(0) == final``.
+        final: the trunk's output.
+    """
+
+    components: Tensor
+    final: Tensor
+
+    def shares(self) -> np.ndarray:
+        """``E ||c_j|| / ||x_final||`` per component (per sample, or per token for token streams)."""
+        f = flat(self.final).double().norm(dim=1)
+        return np.asarray([float((flat(c).double().norm(dim=1) / f).mean()) for c in self.components])
+
+    def projections(self) -> np.ndarray:
+        """``E <c_j, x_final> / ||x_final||^2``: the fraction of the final stream each component explains
+        (they add up to 1)."""
+        f = flat(self.final).double()
+        f2 = (f * f).sum(1)
+        return np.asarray([float(((flat(c).double() * f).sum(1) / f2).mean()) for c in self.components])
+
+    def labels(self, model: nn.Module) -> list[str]:
+        """``embed``, then ``attn0, mlp0, attn1, ...`` for transformers or ``block0, block1, ...``."""
+        specs = trunk_of(model).scheme.specs
+        return ["embed"] + [f"{s.role or 'block'}{k}" for s, k in zip(specs, layer_of(specs))]
+
+
+@torch.no_grad()
+def decompose(model: nn.Module, x: Tensor) -> Decomposition:
+    """Decompose ``model``'s final stream on input batch ``x`` (eval mode) into per-component contributions.
+
+    Raises:
+        ValueError: the scheme has no exact decomposition (it renormalises the stream after combining).
+    """
+    trunk = trunk_of(model)
+    training = model.training
+    model.eval()
+    try:
+        x0 = model.stem(x)
+        with record(trunk, names=("branch_out", "mix", "final")) as rec:
+            trunk(x0)
+    finally:
+        model.train(training)
+    mix = rec.by_depth("mix", len(trunk) + 1)
+    return Decomposition(trunk.scheme.decompose(x0, rec.get("branch_out"), mix), rec.get("final")[0])
+
+
+def _frozen_norm(norm: nn.Module, x: Tensor) -> tuple[bool, Tensor, Tensor | None]:
+    """A head norm's action frozen at the stream ``x``: ``norm(z) = (z - [mean z]) * scale + bias``.
+
+    Returns ``(centred, scale, bias)``; a component ``c`` then maps to ``(c - [mean c]) * scale``, and the terms
+    of all components plus ``bias`` add up to ``norm(x)``.
+    """
+    if isinstance(norm, nn.LayerNorm):
+        scale = (x.var(-1, keepdim=True, unbiased=False) + norm.eps).rsqrt()
+        return True, scale if norm.weight is None else scale * norm.weight, norm.bias
+    if isinstance(norm, RMSNorm):
+        scale = x.pow(2).mean(-1, keepdim=True).add(norm.eps).rsqrt()
+        return False, scale if norm.weight is None else scale * norm.weight, None
+    if isinstance(norm, nn.Identity):
+        return False, torch.ones((), device=x.device), None
+    raise ValueError(f"direct logit attribution cannot freeze a {type(norm).__name__} head norm")
+
+
+@torch.no_grad()
+def direct_logit_attribution(model: nn.Module, x: Tensor, target: Tensor) -> tuple[np.ndarray, float]:
+    """Each component's direct effect on the ``target`` logit (language models: ``target`` ``(N, T)`` token ids).
+
+    ``logit_t = sum_c W_U[t] . norm_frozen(c) + W_U[t] . bias``: the final norm's centring and scale are taken
+    from the full forward pass, so the per-component terms plus the bias term add up to the logit exactly.
+
+    Returns:
+        ``(terms, bias_term)``: ``terms[j]`` is the mean over tokens of component ``j``'s direct effect.
+    """
+    dec = decompose(model, x)
+    head = model.head
+    if not (hasattr(head, "norm") and hasattr(head, "unembed")):
+        raise ValueError("direct logit attribution needs a head with a final norm and an unembedding (gpt family)")
+    centred, scale, bias = _frozen_norm(head.norm, dec.final)
+    w = head.unembed.weight[target]  # (N, T, d)
+    terms = []
+    for c in dec.components:
+        if centred:
+            c = c - c.mean(-1, keepdim=True)
+        terms.append(float(((c * scale) * w).sum(-1).mean()))
+    bias_term = float((bias * w).sum(-1).mean()) if bias is not None else 0.0
+    return np.asarray(terms), bias_term
+
+
+@dataclass
+class LensProfile:
+    """Logit lens per depth: index 0 decodes the embedding, index ``i + 1`` the stream after branch ``i``.
+
+    Attributes:
+        kl: mean KL(final distribution || depth distribution) per token, in nats.
+        loss: mean cross-entropy of the decoded distribution against the targets (NaN without targets).
+    """
+
+    kl: np.ndarray
+    loss: np.ndarray
+
+    def plot(self, ax, label: str = "", **kw) -> None:
+        ax.plot(np.arange(len(self.kl)), self.loss if np.isfinite(self.loss).all() else self.kl, label=label, **kw)
+        ax.set(xlabel="depth (sublayer)", ylabel="loss of the decoded stream (nats)")
+
+
+@torch.no_grad()
+def logit_lens(model: nn.Module, x: Tensor, target: Tensor | None = None) -> LensProfile:
+    """Decode the stream at every depth with the model's own head (nostalgebraist 2020, "logit lens")."""
+    trunk = trunk_of(model)
+    training = model.training
+    model.eval()
+    try:
+        with record(trunk, names=("resid_pre", "final")) as rec:
+            logits = model(x)
+        streams = rec.get("resid_pre") + rec.get("final")
+        final_logp = F.log_softmax(logits.float(), -1)
+        kl, loss = [], []
+        for s in streams:
+            logp = F.log_softmax(model.head(s).float(), -1)
+            kl.append(float(F.kl_div(logp, final_logp, log_target=True, reduction="none").sum(-1).mean()))
+            loss.append(float(F.cross_entropy(logp.flatten(0, -2), target.flatten())) if target is not None
+                        else float("nan"))
+    finally:
+        model.train(training)
+    return LensProfile(np.asarray(kl), np.asarray(loss))
