@@ -18,10 +18,13 @@ CONV_FAMILIES = ("resnet8", "preact_resnet8")
 
 
 def refused(family: str, scheme: str) -> bool:
-    """The pairs a scheme must refuse at construction: a norm placement on convolutional maps, or a scheme
-    without shape-change support on a family whose stages change width."""
+    """The pairs a scheme must refuse at construction: a norm placement on convolutional maps, a scheme
+    without shape-change support on a family whose stages change width, or value residuals on a family
+    without attention branches (every family but the language models)."""
     cls = residual_class(scheme)
     norm = cls.default_norm or ("pre" if is_lm(family) else "none")
+    if scheme == "value_residual" and not is_lm(family):
+        return True
     return family in CONV_FAMILIES and (norm != "none" or not cls.capabilities.shape_change)
 
 

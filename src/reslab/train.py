@@ -48,7 +48,9 @@ class TrainConfig:
         warmup_steps: iterations of warm-up before the schedule starts. With ``warmup_lr`` set, the rate is that
             constant during warm-up and then **returns** to ``lr`` (He et al. 2015's ResNet-110 recipe);
             without it the rate ramps linearly from 0 to ``lr``.
-        eval_train: also evaluate the full training set in eval mode after each epoch.
+        train_samples: train on the first ``train_samples`` training samples only (e.g. text windows, for an
+            equal token budget); ``None``: all of them.
+        eval_train: also evaluate the (used) training set in eval mode after each epoch.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         amp: bfloat16 autocast on CUDA.
     """
@@ -74,6 +76,7 @@ class TrainConfig:
     warmup_steps: int = 0
     warmup_lr: float | None = None
     seed: int = 0
+    train_samples: int | None = None
     eval_train: bool = True
     device: str = "auto"
     amp: bool = False
@@ -89,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if self.train_samples is not None and int(self.train_samples) <= 0:
+            raise ValueError(f"train_samples must be positive, got {self.train_samples}")
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ValueError("warmup_steps and weight_decay must be non-negative")
 
@@ -113,6 +118,12 @@ class RunResult:
     @property
     def final(self) -> dict[str, Any]:
         return self.metrics[-1] if self.metrics else {}
+
+
+def loss_fn(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy in nats, in float32: logits ``(N, C)`` with labels ``(N,)``, or a language model's
+    ``(N, T, V)`` with next-token targets ``(N, T)`` (one term per token)."""
+    return F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), reduction=reduction)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -171,7 +182,7 @@ def evaluate(model: nn.Module, data: Dataset, x: Tensor, y: Tensor, batch_size: 
         xb, yb = data.prepare(x[i:i + batch_size], train=False), y[i:i + batch_size]
         with _autocast(xb.device, amp):
             logits = model(xb)
-        loss_sum += F.cross_entropy(logits.float().flatten(0, -2), yb.flatten(), reduction="sum").item()
+        loss_sum += loss_fn(logits, yb, reduction="sum").item()
         wrong += (logits.argmax(-1) != yb).sum().item()
     model.train(was_training)
     n = max(1, y.numel())
@@ -215,7 +226,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
     if stored.exists():
         if not resume:
             raise ValueError(f"run directory {out} already holds a run; pass resume to continue it")
-        old = runs.read_json(stored)["train"]
+        old = {**_config_json(TrainConfig()), **runs.read_json(stored)["train"]}  # options added later: defaults
         if old != _config_json(cfg):
             diff = sorted(k for k in old if old.get(k) != _config_json(cfg).get(k))
             raise ValueError(f"cannot resume {out}: its stored config differs in {', '.join(diff)}")
@@ -246,7 +257,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
         torch.manual_seed(cfg.seed)
     runs.write_json(out / "result.json", {"status": "running", "epoch": start_epoch})
 
-    x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
+    x_tr, y_tr = data.x_train[:cfg.train_samples].to(device), data.y_train[:cfg.train_samples].to(device)
     x_te, y_te = data.x_test.to(device), data.y_test.to(device)
     n = len(y_tr)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -267,7 +278,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
                     group["lr"] = lr
                 with _autocast(device, cfg.amp):
                     logits = model(xb)
-                loss = F.cross_entropy(logits.float().flatten(0, -2), yb.flatten())
+                loss = loss_fn(logits, yb)
                 step += 1
                 if not torch.isfinite(loss):
                     diverged_step = step

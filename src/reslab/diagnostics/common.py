@@ -41,7 +41,7 @@ def error_rate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 2000) -
     """Classification error of ``model`` (eval mode) on prepared inputs ``x``."""
     training = model.training
     model.eval()
-    wrong = sum(int((model(x[i:i + batch_size]).argmax(1) != y[i:i + batch_size]).sum())
+    wrong = sum(int((model(x[i:i + batch_size]).argmax(-1) != y[i:i + batch_size]).sum())
                 for i in range(0, len(y), batch_size))
     model.train(training)
-    return wrong / max(1, len(y))
+    return wrong / max(1, y.numel())

@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reslab.diagnostics.common import preserved
 from reslab.diagnostics.recorder import record, trunk_of
+from reslab.train import loss_fn
 
 
 @dataclass
@@ -48,8 +48,9 @@ def gradient_profile(model: nn.Module, x: Tensor, y: Tensor, train_mode: bool = 
         model.train(train_mode)
         model.zero_grad(set_to_none=True)
         with record(model, names=(), grads=True, grad_reduce=lambda n, i, g: g.double().pow(2).sum()[None]) as rec:
-            # The input requires grad so that the first block's stream does even with a parameter-free stem.
-            F.cross_entropy(model(x.detach().requires_grad_(True)), y).backward()
+            # A float input requires grad so that the first block's stream does even with a parameter-free stem.
+            x = x.detach().requires_grad_(True) if x.is_floating_point() else x
+            loss_fn(model(x), y).backward()
         stream = np.asarray([float(g.sum()) ** 0.5 for g in rec.grads()])
         params = param_grad_norms(model)
     for n, p in model.named_parameters():

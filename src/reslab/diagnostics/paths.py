@@ -3,7 +3,8 @@
 REFERENCE.md section 3 (Veit et al. 2016, arXiv 1605.06431, and the exact method). A trunk of ``n`` additive
 blocks maps ``x_i`` to ``x_{i+1} = post(S_i(x_i) + B_i(x_i))`` with ``S_i = scheme.skip(., i)`` (the skip
 path, shortcut and scale included) and ``B_i(x) = scheme.contribution(branch_i(scheme.read(x, i)), h, i)``
-(what the branch adds); for ``plain`` ``S_i = 0``. Linearised at the forward pass (eval mode), and with every
+(what the branch adds); for ``plain`` ``S_i = 0``; ``post`` is the scheme's ``finish`` (post activation and post
+norm, e.g. Post-LN's LayerNorm). Linearised at the forward pass (eval mode), and with every
 branch Jacobian ``J_i`` scaled by a scalar ``t``, the input gradient for a cotangent ``g`` at the trunk output
 
     p(t) = prod_i (S_i + t J_i)^T D_i^T g            (D_i: the Jacobian of ``post`` at block i)
@@ -179,7 +180,7 @@ class _Linearised:
         net.double().eval().requires_grad_(False)
         self.trunk, self.scheme = net, net.scheme
         self.plain = isinstance(net.scheme, Plain)
-        self.post_identity = isinstance(net.scheme.post, nn.Identity)
+        self.post_identity = isinstance(net.scheme.post, nn.Identity) and net.scheme.post_norms is None
         self.batched = True
         self.blocks: list[_Block] = []
         scheme = self.scheme
@@ -192,9 +193,9 @@ class _Linearised:
                 if self.plain:
                     s, b = None, out
                 else:
-                    s, b = scheme.skip(x, i), scheme.contribution(out, h, i)
+                    s, b = scheme.skip(x, i), scheme.contribution(scheme.norm_out(i, out), h, i)
                 z = (b if s is None else s + b).detach().requires_grad_(True)
-                y = None if self.post_identity else scheme.post(z)
+                y = None if self.post_identity else scheme.finish(i, z)
                 self.blocks.append(_Block(x, s, b, z, y))
                 state = z.detach() if y is None else y.detach()
         self.output = scheme.end(state).detach()

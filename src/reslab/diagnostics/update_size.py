@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from reslab.diagnostics.recorder import trunk_of
+from reslab.train import loss_fn
 
 
 def effective_update_size(model: nn.Module, x: Tensor, y: Tensor, lr: float = 1e-3,
@@ -27,7 +27,7 @@ def effective_update_size(model: nn.Module, x: Tensor, y: Tensor, lr: float = 1e
     model.eval()
     params = dict(model.named_parameters())
     names = list(params)
-    grads = torch.autograd.grad(F.cross_entropy(model(x), y), [params[n] for n in names], allow_unused=True)
+    grads = torch.autograd.grad(loss_fn(model(x), y), [params[n] for n in names], allow_unused=True)
     grad = dict(zip(names, grads))
     with torch.no_grad():
         f0 = model(x)
