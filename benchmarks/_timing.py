@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from reslab.train import loss_fn
 
 
 def copy_state(src: nn.Module, dst: nn.Module) -> None:
@@ -39,7 +40,7 @@ def make_step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        loss_fn(model(x), y).backward()
         opt.step()
 
     return step

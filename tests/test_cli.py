@@ -96,6 +96,6 @@ def test_diagnose_writes_arrays_and_plots(tmp_path, capsys):
         assert len(arrays.files) > 0 and (d / "diagnostics" / f"{name}.png").stat().st_size > 1000
     assert len(np.load(d / "diagnostics" / "responses.npz")["std"]) == 2
     code, _, err = _run(["diagnose", str(d), "--what", "gates"], capsys)
-    assert code == 2 and "no gates" in err
+    assert code == 2 and "no highway gates" in err
     code, _, err = _run(["diagnose", str(d), "--what", "nosuch"], capsys)
     assert code == 2 and "unknown measurement" in err

@@ -112,8 +112,9 @@ def test_gate_statistics_on_constant_gates():
     np.testing.assert_allclose(prof.mean, t, rtol=1e-6)
     np.testing.assert_allclose(prof.per_class, t, rtol=1e-6)
     assert (prof.hist[:, 6] == 1).all()  # every value in the bin [0.6, 0.7)
-    with pytest.raises(ValueError, match="no gates"):
-        gate_profile(reslab.create_model("mlp8", width=8, input_shape=(6,)), x, y, 4)
+    for other in ("identity", "hc"):  # hc exposes mixing matrices, which are not gates
+        with pytest.raises(ValueError, match="no highway gates"):
+            gate_profile(reslab.create_model("mlp8", other, width=8, input_shape=(6,)), x, y, 4)
 
 
 def test_kendall_tau():

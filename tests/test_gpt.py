@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,3 +204,12 @@ def test_a_tiny_language_model_learns_the_pydoc_corpus(tmp_path):
     uniform = math.log(103)  # nats per character of a uniform guess over the vocabulary
     assert res.status == "completed" and m["test_loss"] < 0.75 * uniform, m
     assert m["train_loss"] < uniform
+    # the diagnostics run on a language model's checkpoint too
+    from reslab.diagnostics.diagnose import diagnose
+
+    written = diagnose(tmp_path / "run", ["decomposition", "lens", "grads", "stream", "lesion"], samples=64)
+    dec = np.load(written["decomposition"])
+    assert dec["projections"].shape == (3,) and abs(dec["projections"].sum() - 1) < 1e-4
+    lens = np.load(written["lens"])
+    assert lens["kl"][-1] < 1e-6 and lens["loss"][-1] < lens["loss"][0]
+    assert (tmp_path / "run" / "diagnostics" / "lens.png").exists()

@@ -364,3 +364,22 @@ def test_capabilities_and_conv_refusal():
         assert caps.multi_stream and caps.exposes_mixing and not caps.shape_change and not caps.uses_shortcut
         with pytest.raises(ValueError, match="feature streams"):
             create_residual(name, [BranchSpec(4, 4, 1, "conv")])
+
+
+def test_sinkhorn_gradient_equals_autograd_through_the_unrolled_loop():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, 4, 4, dtype=torch.float64)
+
+    def loop(lg, iters=7):
+        m = torch.exp(lg - lg.amax(dim=(-2, -1), keepdim=True).detach())
+        for _ in range(iters):
+            m = m / m.sum(-2, keepdim=True)
+            m = m / m.sum(-1, keepdim=True)
+        return m
+
+    torch.testing.assert_close(sinkhorn_knopp(logits, 7), loop(logits))
+    g_ref, = torch.autograd.grad((loop(logits) * w).sum(), logits)
+    g, = torch.autograd.grad((sinkhorn_knopp(logits, 7) * w).sum(), logits)
+    torch.testing.assert_close(g, g_ref)
+    assert torch.autograd.gradcheck(lambda lg: sinkhorn_knopp(lg, 3), (logits[:1, :2],))

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("reproduce", help="run the claims of the seed and write the report")
     rp.add_argument("--profile", default="quick", choices=["smoke", "quick", "full"])
-    rp.add_argument("--only", action="append", default=[], metavar="CLAIM", help="run only this claim (repeatable)")
+    rp.add_argument("--only", action="append", default=[], metavar="CLAIM", help="run only this claim (repeatable, or comma-separated)")
     rp.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="output directory")
     rp.add_argument("--jobs", type=int, help="parallel worker processes (default: CPU count, at most 4)")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -155,7 +155,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
     from reslab.experiments import get_claim, list_claims, run_claim
     from reslab.report.render import render
 
-    claims = [get_claim(n) for n in args.only] if args.only else list_claims()
+    only = [n.strip() for a in args.only for n in a.split(",") if n.strip()]
+    claims = [get_claim(n) for n in only] if only else list_claims()
     if args.jobs is not None and args.jobs <= 0:
         raise ValueError(f"--jobs must be positive, got {args.jobs}")
     out: Path = args.out

@@ -73,8 +73,26 @@ def _update(model, x, y, classes):
             "sgd": effective_update_size(model, x[:256], y[:256], lr=0.1, optimizer="sgd")}
 
 
+def _decomposition(model, x, y, classes):
+    from reslab.diagnostics.decomposition import decompose, direct_logit_attribution
+
+    dec = decompose(model, x[:64])
+    out = {"shares": dec.shares(), "projections": dec.projections()}
+    if hasattr(model.head, "unembed"):  # a language model: the target token's logit, by component
+        out["direct_logit_attribution"] = direct_logit_attribution(model, x[:64], y[:64])[0]
+    return out
+
+
+def _lens(model, x, y, classes):
+    from reslab.diagnostics.decomposition import logit_lens
+
+    p = logit_lens(model, x[:64], y[:64])
+    return {"kl": p.kl, "loss": p.loss}
+
+
 MEASUREMENTS: dict[str, Measure] = {"responses": _responses, "stream": _stream, "grads": _grads, "gates": _gates,
-                                    "lesion": _lesion, "paths": _paths, "update": _update}
+                                    "lesion": _lesion, "paths": _paths, "update": _update,
+                                    "decomposition": _decomposition, "lens": _lens}
 
 
 def _plot(name: str, arrays: dict[str, Any], path: Path) -> None:

@@ -32,8 +32,10 @@ class GateProfile:
 @torch.no_grad()
 def gate_profile(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, bins: int = 20) -> GateProfile:
     """Gate statistics of a gated scheme on ``(x, y)`` (eval mode)."""
-    if not trunk_of(model).scheme.capabilities.exposes_mixing:
-        raise ValueError(f"scheme {trunk_of(model).scheme.name!r} has no gates to measure")
+    from reslab.residuals.highway import GatedScheme
+
+    if not isinstance(trunk_of(model).scheme, GatedScheme):
+        raise ValueError(f"scheme {trunk_of(model).scheme.name!r} has no highway gates to measure")
     training = model.training
     model.eval()
     with record(model, names=("mix",)) as rec:

@@ -17,12 +17,12 @@ from reslab import runs
 # The seed's closing summary table; each row lists the claims that measure it.
 SUMMARY_ROWS = [
     ("Identity default", "Easy optimization, layers learn perturbations", "Uniform aggregation, no prioritization",
-     ["degradation", "responses"]),
+     ["degradation", "responses", "dilution"]),
     ("Gradient highway", "Gradients flow unattenuated to any depth", "", ["gradient_highway"]),
     ("Implicit ensemble (2^L paths)", "Robustness, graceful degradation", "Effective depth much less than nominal",
      ["ensemble", "paths"]),
     ("Additive accumulation", "Simple, parameter-free", "O(L) norm growth, signal dilution at scale",
-     ["growth", "dilution"]),
+     ["growth", "dilution", "transformers"]),
 ]
 
 
@@ -37,7 +37,9 @@ def _fmt(v: Any) -> str:
 def _md_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # every column, in first-seen order
+    if "passed" in keys:  # a check's outcome reads last
+        keys.append(keys.pop(keys.index("passed")))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(lines) + "\n"

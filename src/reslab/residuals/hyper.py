@@ -68,14 +68,45 @@ def _positive_int(scheme: str, name: str, value: Any) -> int:
     return value.__index__()
 
 
+class _SinkhornKnopp(torch.autograd.Function):
+    """Unrolled Sinkhorn-Knopp on ``(n, n, M)`` (tokens innermost) with a hand-written backward.
+
+    The gradient is exactly autograd's through the unrolled loop: for ``m_k = m_{k-1} / s_k`` with
+    ``s_k = sum(m_{k-1})`` over the normalised axis, ``dL/dm_{k-1} = (g - sum(g * m_k)) / s_k``. On a CPU it is about
+    five times faster than autograd through the loop for ``n = 4`` (no graph of 80 tiny nodes, contiguous inner
+    loops over the tokens)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, iters: int) -> Tensor:  # noqa: D102
+        m = torch.exp(logits - logits.amax(dim=(0, 1), keepdim=True))
+        saved = [m]
+        for _ in range(iters):
+            for axis in (0, 1):  # columns, then rows (mHC eq. (9))
+                s = m.sum(axis, keepdim=True)
+                m = m / s
+                saved += [m, s]
+        ctx.save_for_backward(*saved)
+        return m
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        saved = ctx.saved_tensors
+        g = g.contiguous()
+        for k in range(len(saved) - 2, 0, -2):
+            m, s = saved[k], saved[k + 1]
+            axis = 0 if (k // 2) % 2 == 0 else 1
+            g = (g - (g * m).sum(axis, keepdim=True)) / s
+        return g * saved[0], None
+
+
 def sinkhorn_knopp(logits: Tensor, iters: int = 20) -> Tensor:
     """``M = exp(logits)``, then ``iters`` rounds of column- then row-normalisation (mHC eq. (9)) over the last two
-    axes: rows sum to 1 exactly, columns to within the iteration's convergence."""
-    m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True).detach())
-    for _ in range(iters):
-        m = m / m.sum(dim=-2, keepdim=True)
-        m = m / m.sum(dim=-1, keepdim=True)
-    return m
+    axes: rows sum to 1 exactly, columns to within the iteration's convergence. Differentiable (the gradient of
+    the unrolled iterations)."""
+    shape = logits.shape
+    n1, n2 = shape[-2], shape[-1]
+    flat = logits.reshape(-1, n1, n2).permute(1, 2, 0).contiguous()  # (n, n, tokens): tokens innermost
+    return _SinkhornKnopp.apply(flat, iters).permute(2, 0, 1).reshape(shape)
 
 
 def composite_gain(mix_list: Sequence[Tensor | None], backward: bool = False) -> Tensor:
@@ -136,6 +167,12 @@ class MultiStreamScheme(ResidualScheme):
     def _reduce(self, x: Tensor, dim: int) -> Tensor:
         return x.sum(dim) if self.reduce == "sum" else x.mean(dim)
 
+    @staticmethod
+    def _mix(a_r: Tensor, state: Tensor) -> Tensor:
+        """``A_r^T H`` per token: ``(..., s, t) x (..., s, d) -> (..., t, d)``. Broadcast and sum: an einsum here
+        becomes a batched matmul over every token of ``n x n`` matrices, several times slower on CPU."""
+        return (a_r.unsqueeze(-1) * state.unsqueeze(-2)).sum(-3)
+
     def begin(self, x0: Tensor) -> Tensor:
         self._pending = None
         return x0.unsqueeze(-2).expand(*x0.shape[:-1], self.streams, x0.shape[-1])
@@ -143,11 +180,11 @@ class MultiStreamScheme(ResidualScheme):
     def read(self, state: Tensor, i: int) -> Tensor:
         coefs = self.coefficients(state, i)
         self._pending = (i, state, coefs)
-        return self.norm_in(i, torch.einsum("...s,...sd->...d", coefs[0], state))
+        return self.norm_in(i, (coefs[0].unsqueeze(-1) * state).sum(-2))
 
     def write(self, state: Tensor, i: int, out: Tensor, h: Tensor) -> Tensor:
         a_m, a_r, b = self._coefs(state, i)
-        new = torch.einsum("...st,...sd->...td", a_r, state) + b.unsqueeze(-1) * out.unsqueeze(-2)
+        new = self._mix(a_r, state) + b.unsqueeze(-1) * out.unsqueeze(-2)
         if self.tap is not None:
             self.tap("mix", i, torch.cat((a_r, a_m.unsqueeze(-1), b.unsqueeze(-1)), dim=-1))
             self.tap("contribution", i, self._reduce(b, -1).unsqueeze(-1) * out)
@@ -155,7 +192,7 @@ class MultiStreamScheme(ResidualScheme):
 
     def skip(self, state: Tensor, i: int) -> Tensor:
         """Lesion: ``H' = post(A_r(H)^T H)``, the stream mixing without the branch term."""
-        return self.post(torch.einsum("...st,...sd->...td", self.coefficients(state, i)[1], state))
+        return self.post(self._mix(self.coefficients(state, i)[1], state))
 
     def end(self, state: Tensor) -> Tensor:
         self._pending = None  # nothing of this forward pass is kept

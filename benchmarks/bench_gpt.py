@@ -1,0 +1,331 @@
+"""Step time and activation memory of every transformer residual scheme against Pre-LN, and against peers.
+
+A step is forward + cross-entropy (next-token targets) + backward + SGD on a fixed batch of random tokens, GPT
+family, 12 layers (24 sublayers), context 128, heads of 64, at ``--widths`` (default 256 and 512). Every net is
+timed in the same process in interleaved rounds (the order rotates each round); ratios are paired per round and
+summarised by their median with a 95% confidence interval.
+
+1. **Schemes vs Pre-LN**: every registered transformer scheme, plus Block AttnRes computed the naive way
+   (``NaiveBlockAttnRes`` below: each site re-normalises and re-scores every source) beside reslab's two-phase
+   form (cached block keys, one batched product per block, the partial sum merged by an online softmax); their
+   outputs are checked equal first. Memory: bytes of the tensors autograd saves for backward (unique storages,
+   via ``torch.autograd.graph.saved_tensors_hooks``), the activation memory a training step holds at its peak;
+   on CUDA also ``torch.cuda.max_memory_allocated``.
+2. **reslab Pre-LN vs a hand-written nanoGPT-style stack** with identical layers (weights copied, outputs checked
+   equal): the cost of the shared trunk and the scheme object (target <= 1.03).
+3. **Peers** (optional: ``pip install -e '.[bench]'``): reslab's Pre-LN GPT vs ``x_transformers``'
+   ``TransformerWrapper(Decoder)`` at the same size (target <= 1.0), and reslab's ``hc`` vs the
+   ``hyper-connections`` package wrapping the same branches (same function at init, checked; target <= 1.0).
+
+``--write`` replaces the ``<!-- bench_gpt -->`` section of BENCHMARKS.md. Run with ``--threads 1`` (default) on a
+shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import reslab
+from _timing import (OtherLoad, cpu_name, interleaved, make_step, median_ci, n_params,
+                     wait_until_quiet, write_marked_section)
+from reslab.residuals.attnres import BlockAttnRes, key_norm
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- bench_gpt -->", "<!-- /bench_gpt -->"
+VOCAB, CTX, LAYERS = 128, 128, 12
+SCHEMES = ["postln", "sandwich", "deepnorm", "rezero", "layerscale", "skipinit", "scaled", "value_residual",
+           "attnres", "block_attnres", "naive block_attnres", "hc", "mhc", "denseformer"]
+TARGETS = {("block_attnres", 256): 1.15, ("block_attnres", 512): 1.10}
+
+
+class NaiveBlockAttnRes(BlockAttnRes):
+    """Block AttnRes computed the naive way: at every site, stack all sources (completed block sums and the
+    partial sum), RMS-normalise every key again and take one softmax. Same parameters and outputs."""
+
+    def _aggregate(self, state, q: int):
+        srcs = state.values if state.partial is None else torch.cat([state.values, state.partial.unsqueeze(1)], 1)
+        a = torch.softmax(key_norm(srcs) @ self.queries[q].to(srcs.dtype), dim=-1)  # (M, S)
+        return (a.unsqueeze(-1) * srcs).sum(1), a
+
+
+def gpt(residual: str, d: int, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    return reslab.create_model("gpt", residual, depth=LAYERS, num_classes=VOCAB, input_shape=(CTX,), d_model=d,
+                               n_heads=d // 64, **kw)
+
+
+def naive_block(d: int) -> nn.Module:
+    m = gpt("block_attnres", d)
+    s = m.trunk.scheme
+    naive = NaiveBlockAttnRes(s.specs, block_size=s.block_size, norm="pre")
+    naive.load_state_dict(s.state_dict())
+    m.trunk.scheme = naive
+    return m
+
+
+class HandBlock(nn.Module):
+    """nanoGPT's ``Block``: ``x + attn(ln_1(x))``, ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.attn_proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+        self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
+
+    def attn(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self.c_attn(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.attn_proj(y.transpose(1, 2).reshape(b, t, c))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class HandGPT(nn.Module):
+    """A nanoGPT-style decoder with the layers of reslab's ``gpt`` family (no tap code, no scheme object)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(VOCAB, d), nn.Embedding(CTX, d)
+        self.h = nn.ModuleList(HandBlock(d, d // 64) for _ in range(LAYERS))
+        self.ln_f, self.lm_head = nn.LayerNorm(d), nn.Linear(d, VOCAB, bias=False)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.wte(idx) + self.wpe.weight[:idx.shape[1]]
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+    @torch.no_grad()
+    def load_from(self, m: nn.Module) -> None:
+        """Copy the weights of a reslab Pre-LN ``gpt`` model, module by module."""
+        self.wte.weight.copy_(m.stem.tok.weight)
+        self.wpe.weight.copy_(m.stem.pos.weight)
+        br, s = m.trunk.branches, m.trunk.scheme
+        for i, blk in enumerate(self.h):
+            att, mlp = br[2 * i], br[2 * i + 1]
+            blk.c_attn.weight.copy_(att.qkv.weight)
+            blk.attn_proj.weight.copy_(att.proj.weight)
+            blk.c_fc.weight.copy_(mlp.fc.weight)
+            blk.mlp_proj.weight.copy_(mlp.proj.weight)
+            blk.ln_1.load_state_dict(s.in_norms[2 * i].state_dict())
+            blk.ln_2.load_state_dict(s.in_norms[2 * i + 1].state_dict())
+        self.ln_f.load_state_dict(m.head.norm.state_dict())
+        self.lm_head.weight.copy_(m.head.unembed.weight)
+
+
+def xtransformers_gpt(d: int) -> nn.Module:
+    from x_transformers import Decoder, TransformerWrapper
+
+    return TransformerWrapper(num_tokens=VOCAB, max_seq_len=CTX, attn_layers=Decoder(dim=d, depth=LAYERS,
+                                                                                     heads=d // 64))
+
+
+class PackageHC(nn.Module):
+    """reslab's ``hc`` GPT rebuilt with the ``hyper-connections`` package around the very same branches and
+    pre-norms (``layer_index`` = branch index, as reslab's static init)."""
+
+    def __init__(self, m: nn.Module, streams: int = 4) -> None:
+        super().__init__()
+        from hyper_connections import get_init_and_expand_reduce_stream_functions
+
+        init_hc, self.expand, self.reduce = get_init_and_expand_reduce_stream_functions(streams)
+        s = m.trunk.scheme
+        self.stem, self.head = m.stem, m.head
+        self.blocks = nn.ModuleList(init_hc(dim=b.proj.out_features, branch=nn.Sequential(s.in_norms[i], b),
+                                            layer_index=i) for i, b in enumerate(m.trunk.branches))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.expand(self.stem(idx))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.reduce(x))
+
+
+def saved_bytes(model: nn.Module, x: Tensor, y: Tensor) -> int:
+    """Bytes of the unique storages autograd saves for backward in one training forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def cuda_peak(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    torch.cuda.reset_peak_memory_stats()
+    F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    model.zero_grad(set_to_none=True)
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def ratios(times: dict[str, list[float]], ref: str) -> dict[str, list[float]]:
+    return {k: [a / b for a, b in zip(v, times[ref])] for k, v in times.items() if k != ref}
+
+
+def fmt(r: list[float]) -> str:
+    lo, hi = median_ci(r)
+    return f"{statistics.median(r):.3f} [{lo:.3f}-{hi:.3f}]"
+
+
+def run_width(d: int, args: argparse.Namespace, lines: list[str]) -> None:
+    dev = torch.device(args.device)
+    batch = args.batch * (512 // d) if args.batch_scales else args.batch
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (batch, CTX), generator=g).to(dev)
+    y = torch.randint(0, VOCAB, (batch, CTX), generator=g).to(dev)
+    nets: dict[str, nn.Module] = {"preln": gpt("preln", d)}
+    for s in SCHEMES:
+        nets[s] = naive_block(d) if s == "naive block_attnres" else gpt(s, d)
+    with torch.no_grad():
+        diff = (nets["naive block_attnres"](x.cpu()) - nets["block_attnres"](x.cpu())).abs().max().item()
+    assert diff < 1e-4, f"naive and two-phase Block AttnRes differ by {diff}"
+    nets = {k: v.to(dev) for k, v in nets.items()}
+    mem = {k: saved_bytes(m, x, y) / 2**20 for k, m in nets.items()}
+    peak = {k: cuda_peak(m, x, y) for k, m in nets.items()} if dev.type == "cuda" else {}
+    steps = {k: make_step(m, x, y) for k, m in nets.items()}
+    for st in steps.values():
+        st()
+    t0, others = time.perf_counter(), OtherLoad()
+    times = interleaved(steps, args.rounds, args.steps, args.device,
+                        on_round=lambda r, t: print(f"  d={d} round {r + 1}/{args.rounds}", flush=True))
+    r = ratios(times, "preln")
+    lines.append(f"\n### d={d}, 12 layers, context {CTX}, batch {batch}, {args.device}\n")
+    lines.append(f"- naive vs two-phase Block AttnRes outputs: max |diff| {diff:.1e}")
+    lines.append(f"- Pre-LN: median step {1e3 * statistics.median(times['preln']):.1f} ms, {n_params(nets['preln'])} "
+                 f"parameters, saved activations {mem['preln']:.1f} MiB"
+                 + (f", CUDA peak {peak['preln']:.0f} MiB" if peak else ""))
+    lines.append(f"- {args.rounds} rounds x {args.steps} steps, {time.perf_counter() - t0:.0f} s, other processes "
+                 f"{others.cores():.2f} cores\n")
+    lines.append("| scheme | step time / Pre-LN [95% CI] | saved activations / Pre-LN | target |")
+    lines.append("|---|---|---|---|")
+    for k in SCHEMES:
+        tgt = TARGETS.get((k, d))
+        verdict = "" if tgt is None else (f"<= {tgt:.2f}: " + ("meets" if statistics.median(r[k]) <= tgt
+                                                              else "MISSES"))
+        extra = f" (CUDA peak {peak[k] / peak['preln']:.2f})" if peak else ""
+        lines.append(f"| {k} | {fmt(r[k])} | {mem[k] / mem['preln']:.2f}{extra} | {verdict} |")
+
+
+def run_reference(d: int, args: argparse.Namespace, lines: list[str]) -> None:
+    dev = torch.device(args.device)
+    batch = args.batch * (512 // d) if args.batch_scales else args.batch
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, VOCAB, (batch, CTX), generator=g)
+    y = torch.randint(0, VOCAB, (batch, CTX), generator=g)
+    ours = gpt("preln", d)
+    hand = HandGPT(d)
+    hand.load_from(ours)
+    with torch.no_grad():
+        diff = (ours(x) - hand(x)).abs().max().item()
+    assert diff < 1e-5, f"hand-written GPT differs from reslab's by {diff}"
+    nets: dict[str, nn.Module] = {"reslab preln": ours, "hand-written": hand}
+    notes = [f"- hand-written nanoGPT-style stack: outputs equal (max |diff| {diff:.1e}), "
+             f"{n_params(hand)} vs {n_params(ours)} parameters"]
+    try:
+        xt = xtransformers_gpt(d)
+        nets["x-transformers"] = xt
+        notes.append(f"- x-transformers {_version('x_transformers')} TransformerWrapper(Decoder(dim={d}, depth={LAYERS}, "
+                     f"heads={d // 64})), {n_params(xt)} parameters (its defaults: biased FF, no weight copy)")
+        hc = gpt("hc", d, residual_kwargs={"norm_type": "rmsnorm"})
+        pkg = PackageHC(gpt("hc", d, residual_kwargs={"norm_type": "rmsnorm"}))
+        with torch.no_grad():
+            hdiff = (hc(x) - pkg(x)).abs().max().item()
+        nets["reslab hc"], nets["hyper-connections hc"] = hc, pkg
+        notes.append(f"- hyper-connections {_version('hyper_connections')} around the same branches and pre-norms: "
+                     f"outputs at init equal to reslab's hc (max |diff| {hdiff:.1e}); 4 streams, RMSNorm")
+    except ImportError as e:
+        notes.append(f"- peers skipped ({e}); install them with `pip install -e '.[bench]'`")
+    nets = {k: v.to(dev) for k, v in nets.items()}
+    x, y = x.to(dev), y.to(dev)
+    steps = {k: make_step(m, x, y) for k, m in nets.items()}
+    for st in steps.values():
+        st()
+    t0 = time.perf_counter()
+    times = interleaved(steps, args.rounds, args.steps, args.device,
+                        on_round=lambda r, t: print(f"  reference d={d} round {r + 1}/{args.rounds}", flush=True))
+    lines.append(f"\n### Against hand-written code and peers, d={d}, batch {batch}\n")
+    lines += notes
+    lines.append(f"- {args.rounds} rounds x {args.steps} steps, {time.perf_counter() - t0:.0f} s\n")
+    pairs = [("reslab preln", "hand-written", 1.03), ("reslab preln", "x-transformers", 1.0),
+             ("reslab hc", "hyper-connections hc", 1.0)]
+    for a, b, tgt in pairs:
+        if a in times and b in times:
+            r = [p / q for p, q in zip(times[a], times[b])]
+            med = statistics.median(r)
+            lines.append(f"- **{a} / {b}**: {fmt(r)} (target <= {tgt:.2f}: {'meets' if med <= tgt else 'MISSES'}); "
+                         f"median steps {1e3 * statistics.median(times[a]):.1f} / {1e3 * statistics.median(times[b]):.1f} ms")
+
+
+def _version(mod: str) -> str:
+    from importlib.metadata import version
+
+    try:
+        return version(mod.replace("_", "-"))
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--widths", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--batch", type=int, default=4, help="sequences per step at d=512 (scaled up at smaller d)")
+    ap.add_argument("--no-batch-scaling", dest="batch_scales", action="store_false")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--skip-schemes", action="store_true", help="only the hand-written and peer comparisons")
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="S")
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.wait_quiet:
+        wait_until_quiet(args.wait_quiet)
+    t0 = time.perf_counter()
+    lines: list[str] = []
+    for d in args.widths:
+        if not args.skip_schemes:
+            run_width(d, args, lines)
+        run_reference(d, args, lines)
+    body = "\n".join(lines)
+    print(body)
+    if args.write:
+        cmd = "python benchmarks/bench_gpt.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        head = (f"## Transformer schemes (`benchmarks/bench_gpt.py`)\n\n{__doc__.split(chr(10) * 2, 1)[1].strip()}\n\n"
+                f"- machine: {cpu_name()} ({os.cpu_count()} cores), torch.set_num_threads({args.threads}); torch "
+                f"{torch.__version__}, Python {platform.python_version()}\n- date: {datetime.date.today()}\n"
+                f"- command: `{cmd}` ({time.perf_counter() - t0:.0f} s)\n")
+        path = write_marked_section(ROOT / "BENCHMARKS.md", START, END, head + body)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
