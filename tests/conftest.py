@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torch import nn
 
 import reslab
 
@@ -26,6 +29,18 @@ def tiny_model(name: str, residual: str = "identity", **kw) -> reslab.ResidualNe
 
 def is_lm(name: str) -> bool:
     return name.startswith("gpt")
+
+
+class TanhBranch(nn.Module):
+    """A fixed, known per-token branch for equation tests: ``F(x) = tanh(x W^T)``, ``W`` drawn from ``seed``."""
+
+    def __init__(self, seed: int, dim: int = 6) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(torch.randn(dim, dim, generator=g) / math.sqrt(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.w.T)
 
 
 def tiny_input(name: str, batch: int = 6, seed: int = 0) -> torch.Tensor:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -11,26 +9,14 @@ from torch import nn
 from reslab import BranchSpec, Trunk, create_residual
 from reslab.residuals.denseformer import dwa_sources
 
-from conftest import tiny_input, tiny_model
+from conftest import TanhBranch, tiny_input, tiny_model
 
 D = 6
 
 
-class Affine(nn.Module):
-    """A fixed, known branch: F(x) = tanh(x W^T) (random W)."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.w = nn.Parameter(torch.randn(D, D, generator=g) / math.sqrt(D))
-
-    def forward(self, x):
-        return torch.tanh(x @ self.w.T)
-
-
 def feat_trunk(n: int, **kw) -> Trunk:
     """``n`` role-less feature branches: every branch is one layer."""
-    return Trunk([Affine(i) for i in range(n)], create_residual("denseformer", [BranchSpec(D, D, 1, "features")] * n,
+    return Trunk([TanhBranch(i) for i in range(n)], create_residual("denseformer", [BranchSpec(D, D, 1, "features")] * n,
                                                                 **kw))
 
 

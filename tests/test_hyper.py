@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -14,7 +12,7 @@ from reslab.diagnostics.decomposition import decompose
 from reslab.diagnostics.recorder import record
 from reslab.residuals.hyper import composite_gain, sinkhorn_knopp
 
-from conftest import tiny_input, tiny_model
+from conftest import TanhBranch, tiny_input, tiny_model
 
 D = 6
 SCHEMES = ("hc", "mhc")
@@ -24,24 +22,12 @@ def specs(n: int = 4) -> list[BranchSpec]:
     return [BranchSpec(D, D, 1, "features", role="attn" if k % 2 == 0 else "mlp") for k in range(n)]
 
 
-class Affine(nn.Module):
-    """A fixed per-token branch, ``tanh(x W^T)``."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.w = nn.Parameter(torch.randn(D, D, generator=g) / math.sqrt(D))
-
-    def forward(self, x):
-        return torch.tanh(x @ self.w.T)
-
-
 def tokens(seed: int = 99) -> torch.Tensor:
     return torch.randn(2, 3, D, generator=torch.Generator().manual_seed(seed))
 
 
 def trunk_of(name: str, n_branches: int = 4, **kw) -> Trunk:
-    return Trunk([Affine(k) for k in range(n_branches)], create_residual(name, specs(n_branches), norm="pre", **kw))
+    return Trunk([TanhBranch(k) for k in range(n_branches)], create_residual(name, specs(n_branches), norm="pre", **kw))
 
 
 def pre_ln(n_branches: int = 4) -> Trunk:
@@ -84,7 +70,7 @@ def test_init_is_pre_ln(name, n, dynamic):
 @pytest.mark.parametrize("name", SCHEMES)
 def test_post_relu_at_init_is_the_original_unit(name):
     """With ``post="relu"`` and no norm, HC / mHC at init are ``x = relu(x + F(x))`` (He et al. 2015)."""
-    bs = [Affine(k) for k in range(4)]
+    bs = [TanhBranch(k) for k in range(4)]
     x = tokens()
     ref = Trunk(bs, create_residual("identity", specs(), post="relu"))(x)
     t = Trunk(bs, create_residual(name, specs(), post="relu", reduce="mean"))
@@ -383,3 +369,14 @@ def test_sinkhorn_gradient_equals_autograd_through_the_unrolled_loop():
     g, = torch.autograd.grad((sinkhorn_knopp(logits, 7) * w).sum(), logits)
     torch.testing.assert_close(g, g_ref)
     assert torch.autograd.gradcheck(lambda lg: sinkhorn_knopp(lg, 3), (logits[:1, :2],))
+
+
+def test_both_mixing_paths_agree():
+    from reslab.residuals.hyper import MATMUL_MIX_WIDTH, MultiStreamScheme
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 4, 4, generator=g)
+    for d in (8, MATMUL_MIX_WIDTH):
+        s = torch.randn(5, 4, d, generator=g)
+        ref = torch.einsum("...st,...sd->...td", a, s)
+        torch.testing.assert_close(MultiStreamScheme._mix(a, s), ref)

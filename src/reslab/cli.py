@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime as _dt
+import math
 import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
@@ -47,7 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--model-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                     help="family option, e.g. width=64 or norm=ln (repeatable)")
     tr.add_argument("--zero-init-last", action="store_true", help="zero-init the last norm of each branch")
-    tr.add_argument("--data", default="mnist1d", help="dataset: mnist1d[:N], digits, cifar10[:DIR], cifar100[:DIR]")
+    tr.add_argument("--data", default="mnist1d", help="dataset: mnist1d[:N], digits, cifar10[:DIR], cifar100[:DIR], "
+                    "pydoc[:CTX], shakespeare[:CTX], text:PATH[@CTX]")
+    tr.add_argument("--train-samples", type=int, help="train on the first N training samples only")
+    tr.add_argument("--no-eval-train", dest="eval_train", action="store_false",
+                    help="skip evaluating the training set after each epoch")
     tr.add_argument("--epochs", type=int, default=10)
     tr.add_argument("--batch-size", type=int, default=128)
     tr.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
@@ -75,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("reproduce", help="run the claims of the seed and write the report")
     rp.add_argument("--profile", default="quick", choices=["smoke", "quick", "full"])
-    rp.add_argument("--only", action="append", default=[], metavar="CLAIM", help="run only this claim (repeatable, or comma-separated)")
+    rp.add_argument("--only", action="append", default=[], metavar="CLAIM",
+                    help="run only this claim (repeatable, or comma-separated)")
     rp.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="output directory")
     rp.add_argument("--jobs", type=int, help="parallel worker processes (default: CPU count, at most 4)")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -129,12 +135,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
             momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay, schedule=args.schedule,
             milestones=list(args.milestones) if args.milestones else [0.5, 0.75],
             milestones_are_fractions=not args.milestones, gamma=args.gamma, warmup_steps=args.warmup_steps,
-            warmup_lr=args.warmup_lr, seed=args.seed, device=args.device, amp=args.amp)
+            warmup_lr=args.warmup_lr, seed=args.seed, device=args.device, amp=args.amp,
+            train_samples=args.train_samples, eval_train=args.eval_train)
     result = train(cfg, args.out, resume=args.resume, quiet=args.quiet)
     f = result.final
     line = f"{result.status}: {len(result.metrics)} epochs"
     if f:
-        line += f", train error {100 * f['train_error']:.2f}%, test error {100 * f['test_error']:.2f}%"
+        line += (f", train error {100 * f['train_error']:.2f}%, test error {100 * f['test_error']:.2f}%, test loss "
+                 f"{f['test_loss']:.4f} nats = {f['test_loss'] / math.log(2):.4f} bits per target")
     if result.diverged_step is not None:
         line += f", non-finite loss at step {result.diverged_step}"
     print(f"{line} -> {args.out}")

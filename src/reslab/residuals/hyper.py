@@ -60,6 +60,7 @@ from reslab.branch import BranchSpec
 from reslab.residuals.base import NORM_TYPES, Capabilities, ResidualScheme, register_residual
 
 Coefs = tuple[Tensor, Tensor, Tensor]  # A_m (..., n), A_r (..., n, n), B (..., n), HC convention
+MATMUL_MIX_WIDTH = 128  # from this width on, the stream mixing is a batched matmul (see MultiStreamScheme._mix)
 
 
 def _positive_int(scheme: str, name: str, value: Any) -> int:
@@ -169,8 +170,12 @@ class MultiStreamScheme(ResidualScheme):
 
     @staticmethod
     def _mix(a_r: Tensor, state: Tensor) -> Tensor:
-        """``A_r^T H`` per token: ``(..., s, t) x (..., s, d) -> (..., t, d)``. Broadcast and sum: an einsum here
-        becomes a batched matmul over every token of ``n x n`` matrices, several times slower on CPU."""
+        """``A_r^T H`` per token: ``(..., s, t) x (..., s, d) -> (..., t, d)``. A batched matmul over the tokens
+        has a per-token cost that does not depend on ``d``; broadcast-and-sum scales with ``d``. On a CPU
+        (fwd + bwd, 1024 tokens, n = 4) broadcasting is 4x faster at d = 32 and the matmul 2x faster at d = 256,
+        so the width picks."""
+        if state.shape[-1] >= MATMUL_MIX_WIDTH:
+            return torch.matmul(a_r.transpose(-1, -2), state)
         return (a_r.unsqueeze(-1) * state.unsqueeze(-2)).sum(-3)
 
     def begin(self, x0: Tensor) -> Tensor:
