@@ -260,6 +260,7 @@ def run_reference(d: int, args: argparse.Namespace, lines: list[str]) -> None:
         pkg = PackageHC(gpt("hc", d, residual_kwargs={"norm_type": "rmsnorm"}))
         with torch.no_grad():
             hdiff = (hc(x) - pkg(x)).abs().max().item()
+        assert hdiff < 1e-5, f"hyper-connections package differs from reslab's hc at init by {hdiff}"
         nets["reslab hc"], nets["hyper-connections hc"] = hc, pkg
         notes.append(f"- hyper-connections {_version('hyper_connections')} around the same branches and pre-norms: "
                      f"outputs at init equal to reslab's hc (max |diff| {hdiff:.1e}); 4 streams, RMSNorm")

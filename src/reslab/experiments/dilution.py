@@ -80,7 +80,9 @@ def analyse(ctx: Context) -> ClaimResult:
     # --- after training ------------------------------------------------------------------------------------
     trained: dict[tuple[str, int], list[np.ndarray]] = {}
     shares: dict[tuple[str, int], list[np.ndarray]] = {}
-    alphas, dwa, gains = {}, {}, {}
+    alphas: dict[str, list] = {}  # scheme -> per seed: token-averaged depth weights per site
+    gains: dict[str, list] = {}   # scheme -> per seed: composite stream gain per depth
+    dwa = {}
     deep = depths[-1]
     for rid in ctx.specs:
         scheme, L, seed = transformers.parse_id(rid)
@@ -89,16 +91,17 @@ def analyse(ctx: Context) -> ClaimResult:
         model, _ = load_trained(ctx, rid)
         trained.setdefault((scheme, L), []).append(aggregation_weights(model, x))
         shares.setdefault((scheme, L), []).append(decompose(model, x).shares())
-        if L == deep and seed == seeds[0]:
+        if L == deep:
             with torch.no_grad(), record(model, names=("mix",)) as rec:
                 model(x)
             mix = rec.by_depth("mix", len(model.trunk) + 1)
             if scheme in ("attnres", "block_attnres"):
-                alphas[scheme] = [None if a is None else a.reshape(-1, a.shape[-1]).mean(0).numpy() for a in mix]
-            elif scheme == "denseformer":
+                alphas.setdefault(scheme, []).append(
+                    [None if a is None else a.reshape(-1, a.shape[-1]).mean(0).numpy() for a in mix])
+            elif scheme == "denseformer" and seed == seeds[0]:
                 dwa[scheme] = model.trunk.scheme.dwa_matrix().numpy()
             elif scheme in ("hc", "mhc"):
-                gains[scheme] = composite_gain(mix).numpy()
+                gains.setdefault(scheme, []).append(composite_gain(mix).numpy())
     cv = {key: [float(np.std(a) / np.mean(a)) for a in v] for key, v in trained.items()}
     for s in ("preln", *LEARNED):
         checks.append(differs(f"after training, {deep} layers: {transformers.LABELS[s]} aggregates non-uniformly "
@@ -106,6 +109,7 @@ def analyse(ctx: Context) -> ClaimResult:
                               f"after training, {deep} layers: Pre-LN's weights stay exactly uniform (a_j = 1)",
                               cv[("preln", deep)], cv[(s, deep)], "higher" if s != "preln" else "not higher",
                               floor=0.05))
+    checks += _weight_checks(alphas.get("attnres", []), gains, deep)
     for (s, L), v in sorted(trained.items()):
         table.append({"when": "trained", "scheme": transformers.LABELS[s], "layers": L, "components": 2 * L + 1,
                       "mean_share": float(np.mean(shares[(s, L)])), "aggregation_cv": float(np.mean(cv[(s, L)])),
@@ -118,8 +122,32 @@ def analyse(ctx: Context) -> ClaimResult:
                + ", ".join(f"{transformers.LABELS[s]} {np.mean(cv[(s, deep)]):.3f}"
                            for s in ("preln", "hc", "mhc", *LEARNED) if (s, deep) in cv)
                + ". The standard residual's weights are exactly uniform; AttnRes and DenseFormer learn theirs (figures).")
-    figs = [_plot_dilution(share_init, init_depths, p_init, ctx), _plot_weights(alphas, dwa, gains, deep, ctx)]
+    first = {k: v[0] for k, v in alphas.items()}
+    figs = [_plot_dilution(share_init, init_depths, p_init, ctx),
+            _plot_weights(first, dwa, {k: v[0] for k, v in gains.items()}, deep, ctx)]
     return ClaimResult(verdict, summary, checks, table, figs)
+
+
+def _weight_checks(alphas: list, gains: dict, deep: int) -> list[dict]:
+    """The AttnRes paper's description of the learned weights, and the mHC paper's composite gains, per seed."""
+    out = []
+    if alphas:
+        emb = np.array([a[-1][0] - 1 / len(a[-1]) for a in alphas])  # final read: weight on x0 above uniform
+        se = emb.std(ddof=1) / np.sqrt(len(emb)) if len(emb) > 1 else 0.0
+        out.append(check(f"{deep} layers, Full AttnRes: persistent weight on the embedding (final read's alpha_0 "
+                         "minus the uniform 1/S, mean over seeds; passes above 2 SE)", emb.mean(),
+                         emb.mean() > 2 * se, se=se))
+        diag = np.mean([np.mean([np.argmax(w) == len(w) - 1 for w in a[:-1] if w is not None and len(w) > 1])
+                        for a in alphas])
+        out.append(check(f"{deep} layers, Full AttnRes: diagonal-dominant (share of sites whose largest weight is "
+                         "on the latest source; passes above 1/2)", diag, diag > 0.5))
+    if "hc" in gains and "mhc" in gains:
+        hc, mhc = [float(g.max()) for g in gains["hc"]], [float(g.max()) for g in gains["mhc"]]
+        out.append(check(f"{deep} layers, mHC: composite stream gain stays bounded (largest over depth and seeds "
+                         "<= 2; published ~1.6 at 27B)", max(mhc), max(mhc) <= 2.0))
+        out.append(differs(f"{deep} layers: HC's composite gain grows beyond mHC's (largest over depth; published "
+                           "~3000 at 27B)", mhc, hc, "higher", floor=0.5))
+    return out
 
 
 def _plot_dilution(share: dict, depths: tuple, p: float, ctx: Context) -> str:
