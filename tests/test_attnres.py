@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import reslab
 from reslab import BranchSpec, Trunk, create_residual
 from reslab.diagnostics.recorder import record
 from reslab.residuals.attnres import EPS
@@ -252,3 +253,14 @@ def test_gpt_uses_pre_norm_and_zero_queries():
     assert s.queries.shape == (len(m.trunk) + 1, 8) and not s.queries.any()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(m(tiny_input("gpt2"))).all()
+
+
+@pytest.mark.parametrize("scheme", ["attnres", "block_attnres"])
+def test_zero_branch_outputs_give_finite_gradients(scheme):
+    """With zero-initialised output projections every partial sum is exactly zero at the first step: the
+    partial sum's key logit must still have a finite gradient."""
+    m = reslab.create_model("gpt", scheme, depth=2, num_classes=5, input_shape=(6,), d_model=8, n_heads=2,
+                            zero_init_last=True)
+    x = torch.randint(0, 5, (3, 6))
+    m(x).logsumexp(-1).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)

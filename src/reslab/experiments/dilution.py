@@ -58,7 +58,7 @@ def analyse(ctx: Context) -> ClaimResult:
     checks, table = [], []
     # --- dilution at initialisation, Pre-LN at several depths -------------------------------------------------
     init_depths, width = INIT_DEPTHS[ctx.profile], INIT_WIDTH[ctx.profile]
-    xi, _, _ = eval_batch(f"pydoc:{p['ctx']}", 8, split="test")
+    xi = x[:8]
     share_init = {}
     for L in init_depths:
         vals = []

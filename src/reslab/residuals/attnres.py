@@ -55,6 +55,12 @@ PAPER = "Kimi Team 2026, Attention Residuals, arXiv 2603.15031"
 EPS = 1e-6  # key RMSNorm epsilon
 
 
+def key_logit(v: Tensor, w: Tensor) -> Tensor:
+    """``w . RMSNorm(v)`` per row without forming ``RMSNorm(v)``: ``(v . w) / sqrt(mean(v^2) + eps)`` (the partial
+    sum's logit, needed once per site; saves a normalised copy of ``v`` and its memory for backward)."""
+    return (v @ w) * torch.rsqrt(torch.linalg.vecdot(v, v) / v.shape[-1] + EPS)
+
+
 def key_norm(v: Tensor) -> Tensor:
     """``RMSNorm(v)`` over the last axis, no gain (the keys of depth attention)."""
     return F.rms_norm(v, (v.shape[-1],), None, EPS)
@@ -122,7 +128,7 @@ class BlockAttnResBase(ResidualScheme):
         P = state.partial
         if P is None:
             return o, p
-        zp = key_norm(P) @ self.queries[q].to(P.dtype)  # (M,)
+        zp = key_logit(P, self.queries[q].to(P.dtype))  # (M,)
         sig = torch.sigmoid(zp - lse[:, s]).unsqueeze(-1)  # the partial sum's weight, merged online
         h = torch.lerp(o, P.to(o.dtype), sig.to(o.dtype))
         return h, torch.cat([p * (1.0 - sig), sig], dim=-1)
