@@ -262,7 +262,8 @@ def test_prepare_train_padding_is_black_before_normalisation() -> None:
 
 def test_registry_and_errors() -> None:
     names = [n for n, _, _ in list_datasets()]
-    assert names == ["mnist1d", "digits", "cifar10", "cifar100", "pydoc", "shakespeare", "text"] and set(DATASETS) == set(names)
+    assert names == ["mnist1d", "digits", "cifar10", "cifar100", "pydoc", "shakespeare", "text"]
+    assert set(DATASETS) == set(names)
     assert all(d and r for _, d, r in list_datasets())
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("imagenet")

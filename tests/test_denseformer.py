@@ -16,8 +16,8 @@ D = 6
 
 def feat_trunk(n: int, **kw) -> Trunk:
     """``n`` role-less feature branches: every branch is one layer."""
-    return Trunk([TanhBranch(i) for i in range(n)], create_residual("denseformer", [BranchSpec(D, D, 1, "features")] * n,
-                                                                **kw))
+    specs = [BranchSpec(D, D, 1, "features")] * n
+    return Trunk([TanhBranch(i) for i in range(n)], create_residual("denseformer", specs, **kw))
 
 
 def x_in() -> torch.Tensor:

@@ -91,9 +91,9 @@ def test_gpt2_init_and_tied_embeddings():
     assert sum(p.numel() for p in tied.parameters()) == sum(p.numel() for p in gpt().parameters()) - 11 * 16
 
 
-@pytest.mark.parametrize("bad, match", [(dict(d_model=10, n_heads=3), "divisible"), (dict(positions="alibi"), "positions"),
-                                        (dict(input_shape=(3, 4)), "context"), (dict(final_norm="bn"), "final_norm"),
-                                        (dict(dropout=1.5), "dropout")])
+@pytest.mark.parametrize("bad, match", [
+    (dict(d_model=10, n_heads=3), "divisible"), (dict(positions="alibi"), "positions"),
+    (dict(input_shape=(3, 4)), "context"), (dict(final_norm="bn"), "final_norm"), (dict(dropout=1.5), "dropout")])
 def test_bad_options_are_clear_errors(bad, match):
     kw = dict(depth=1, num_classes=5, input_shape=(4,), d_model=8, n_heads=2)
     kw.update(bad)

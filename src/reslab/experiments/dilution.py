@@ -121,7 +121,8 @@ def analyse(ctx: Context) -> ClaimResult:
                f"{deep} layers, coefficient of variation of the aggregation weights: "
                + ", ".join(f"{transformers.LABELS[s]} {np.mean(cv[(s, deep)]):.3f}"
                            for s in ("preln", "hc", "mhc", *LEARNED) if (s, deep) in cv)
-               + ". The standard residual's weights are exactly uniform; AttnRes and DenseFormer learn theirs (figures).")
+               + ". The standard residual's weights are exactly uniform; AttnRes and DenseFormer learn theirs "
+               "(figures).")
     first = {k: v[0] for k, v in alphas.items()}
     figs = [_plot_dilution(share_init, init_depths, p_init, ctx),
             _plot_weights(first, dwa, {k: v[0] for k, v in gains.items()}, deep, ctx)]
