@@ -1,6 +1,6 @@
 """One prepared check of reslab's CUDA path, for a machine with a GPU (never part of the test suite).
 
-Checks: every registered scheme and family runs forward/backward on CUDA; ``reslab train`` runs on CUDA with
+Checks: every registered scheme and family (the GPT family included) runs forward/backward on CUDA; ``reslab train`` runs on CUDA with
 and without bfloat16 autocast; an interrupted CUDA run resumes to the same metrics as an uninterrupted one
 (reported as the largest difference, since cuDNN kernels need not be bitwise deterministic).
 
@@ -23,13 +23,22 @@ from reslab.train import TrainConfig, train
 
 
 def check_registry(device: torch.device) -> dict[str, str]:
-    shapes = {"resnet8": (3, 16, 16), "preact_resnet8": (3, 16, 16), "mlp8": (40,), "preact_mlp8": (40,)}
+    """Every scheme x family forward/backward on ``device``; pairs a scheme refuses are reported as such."""
+    families = {"resnet8": (dict(width=8), (3, 16, 16)), "preact_resnet8": (dict(width=8), (3, 16, 16)),
+                "mlp8": (dict(width=8), (40,)), "preact_mlp8": (dict(width=8), (40,)),
+                "gpt2": (dict(d_model=64, n_heads=2), (32,))}
     out = {}
-    for model, shape in shapes.items():
+    for model, (kw, shape) in families.items():
         for scheme in reslab.list_residuals():
-            m = reslab.create_model(model, scheme, input_shape=shape, width=8).to(device)
-            y = m(torch.randn(4, *shape, device=device))
-            y.sum().backward()
+            try:
+                m = reslab.create_model(model, scheme, input_shape=shape, num_classes=10, **kw).to(device)
+            except ValueError as e:
+                out[f"{model}/{scheme}"] = f"refused ({e})"
+                continue
+            x = (torch.randint(0, 10, (4, *shape), device=device) if model.startswith("gpt")
+                 else torch.randn(4, *shape, device=device))
+            y = m(x)
+            y.float().logsumexp(-1).sum().backward()
             ok = torch.isfinite(y).all().item() and all(p.grad is not None for p in m.parameters())
             out[f"{model}/{scheme}"] = "ok" if ok else "FAILED"
     return out
@@ -69,8 +78,9 @@ def main() -> None:
     device = torch.device("cuda")
     report: dict[str, object] = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
     reg = check_registry(device)
-    report["registry_failures"] = [k for k, v in reg.items() if v != "ok"]
-    report["registry_checked"] = len(reg)
+    report["registry_failures"] = [k for k, v in reg.items() if v == "FAILED"]
+    report["registry_refused"] = sorted(k for k, v in reg.items() if v.startswith("refused"))
+    report["registry_checked"] = sum(v == "ok" for v in reg.values())
     base = TrainConfig(model="resnet20", data="digits", epochs=3, batch_size=128, lr=0.05, device="cuda")
     for amp in (False, True):
         t0 = time.perf_counter()
