@@ -35,3 +35,11 @@ def test_budget_plan_is_equal_for_every_scheme():
         scheme, layers, seed = transformers.parse_id(rid)
         assert (cfg.residual, cfg.model, cfg.seed) == (scheme, f"gpt{layers}", seed)
     assert dilution.CLAIM.runs("quick").keys() == plan.keys()  # the two claims share their runs
+
+
+def test_ngram_entropies_on_a_known_text(tmp_path):
+    """'abab...': two equally frequent characters (1 bit), each fully predicted by the one before (0 bits)."""
+    f = tmp_path / "t.txt"
+    f.write_text("ab" * 400)
+    h1, h2 = transformers.ngram_entropies(f"text:{f}@4")
+    assert h1 == pytest.approx(1.0, abs=1e-3) and h2 == pytest.approx(0.0, abs=1e-9)

@@ -105,6 +105,23 @@ def measure(ctx: Context) -> dict[str, dict]:
     return out
 
 
+def ngram_entropies(data_spec: str) -> tuple[float, float]:
+    """Bits per character of the training split's unigram and bigram (conditional) distributions: what a model
+    that learned only character frequencies, or only pairs, would score (on the training text itself)."""
+    from reslab.data import load_dataset
+
+    data = load_dataset(data_spec)
+    x, v = data.x_train.flatten(), data.num_classes
+    joint = torch.zeros(v * v, dtype=torch.float64).index_add_(0, x[:-1] * v + x[1:], torch.ones(len(x) - 1,
+                                                                                              dtype=torch.float64))
+    joint = (joint / joint.sum()).view(v, v)
+    uni = joint.sum(1)
+    h1 = -float((uni[uni > 0] * uni[uni > 0].log2()).sum())
+    cond = joint / uni.clamp_min(1e-300).unsqueeze(1)
+    h2 = -float((joint[joint > 0] * cond[joint > 0].log2()).sum())
+    return h1, h2
+
+
 def _cv(v: np.ndarray) -> float:
     return float(np.std(v) / np.mean(v))
 
@@ -143,8 +160,10 @@ def analyse(ctx: Context) -> ClaimResult:
                         f"variation of ||dL/dx_i||; Pre-LN {cv['preln']:.3f})", cv["block_attnres"],
                         cv["block_attnres"] < cv["preln"]))
     verdict = verdict_of([c["passed"] for c in checks])
+    h1, h2 = ngram_entropies(next(iter(ctx.specs.values())).data)
     summary = (f"Validation bits per character after {_steps(ctx)} steps ({p['d']}-wide GPT, context {p['ctx']}, "
-               f"{len(seeds)} seeds), at {', '.join(map(str, depths))} layers: "
+               f"{len(seeds)} seeds; for scale, the training text's unigram entropy is {h1:.2f} bits and its bigram "
+               f"conditional entropy {h2:.2f}), at {', '.join(map(str, depths))} layers: "
                + "; ".join(f"{label} " + " / ".join(f"{np.nanmean(bpc[(s, L)]):.3f}" for L in depths)
                            for s, label in LABELS.items())
                + f". Published (AttnRes paper, 16 layers, large scale, loss): PreNorm 1.766, DenseFormer 1.767, mHC "
