@@ -65,3 +65,22 @@ def test_degradation_verdict_follows_the_numbers(tmp_path, plain_deep, res_deep,
     result = get_claim("degradation").analyse(Context(spec, tmp_path / "runs", tmp_path, "smoke"))
     assert result.verdict == expected
     assert math.isclose(result.checks[0]["difference"], plain_deep - 0.10, abs_tol=1e-9)
+
+
+def test_missing_data_fails_before_any_training(tmp_path, monkeypatch, capsys):
+    """A claim whose corpus is missing stops ``reproduce`` at the start, before an earlier claim trains."""
+    import reslab.experiments
+    from reslab.experiments.base import Claim
+    from reslab.train import TrainConfig
+
+    good = TrainConfig(model="mlp4", data="digits", epochs=1, model_kwargs={"width": 4})
+    bad = TrainConfig(data=f"text:{tmp_path / 'nope.txt'}")
+    claims = {name: Claim(name, "t", "s", "p", runs=lambda profile, c=cfg, n=name: {"r-" + n: c},
+                          analyse=lambda ctx: None) for name, cfg in (("first", good), ("second", bad))}
+    monkeypatch.setattr(reslab.experiments, "get_claim", claims.__getitem__)
+    rep = tmp_path / "rep"
+    assert main(["reproduce", "--profile", "smoke", "--only", "first,second", "--out", str(rep), "--jobs", "1",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "nope.txt" in err and err.count("\n") == 1
+    assert not rep.exists()  # the first claim's run never started

@@ -161,6 +161,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> None:
 def _cmd_reproduce(args: argparse.Namespace) -> None:
     import reslab
     from reslab.experiments import get_claim, list_claims, run_claim
+    from reslab.experiments.base import check_data
     from reslab.report.render import render
 
     only = [n.strip() for a in args.only for n in a.split(",") if n.strip()]
@@ -168,6 +169,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
     if args.jobs is not None and args.jobs <= 0:
         raise ValueError(f"--jobs must be positive, got {args.jobs}")
     out: Path = args.out
+    check_data(claims, args.profile)
     for claim in claims:
         result = run_claim(claim, args.profile, out, jobs=args.jobs, quiet=args.quiet)
         print(f"{claim.name}: {result.verdict}")

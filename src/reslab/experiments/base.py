@@ -138,6 +138,19 @@ def eval_batch(data_spec: str, n: int, split: str = "train") -> tuple[Any, Any, 
     return data.prepare(x[:n], train=False), y[:n], data.num_classes
 
 
+def check_data(claims: Sequence[Claim], profile: str) -> None:
+    """Load every dataset the claims' runs need, before any training: a missing corpus (or package) fails in
+    one line at the start, not after an hour of other claims.
+
+    Raises:
+        ValueError: a dataset that cannot be loaded.
+    """
+    from reslab.data import load_dataset
+
+    for spec in sorted({cfg.data for c in claims for cfg in c.runs(profile).values()}):
+        load_dataset(spec)
+
+
 def _run_one(cfg: TrainConfig, out: str, threads: int) -> str:
     import torch
 
