@@ -42,6 +42,7 @@ import reslab
 from _timing import (OtherLoad, cpu_name, interleaved, make_step, median_ci, n_params,
                      wait_until_quiet, write_marked_section)
 from reslab.residuals.attnres import BlockAttnRes, key_norm
+from reslab.train import loss_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench_gpt -->", "<!-- /bench_gpt -->"
@@ -172,7 +173,7 @@ def saved_bytes(model: nn.Module, x: Tensor, y: Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss = loss_fn(model(x), y)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(seen.values())
@@ -180,7 +181,7 @@ def saved_bytes(model: nn.Module, x: Tensor, y: Tensor) -> int:
 
 def cuda_peak(model: nn.Module, x: Tensor, y: Tensor) -> float:
     torch.cuda.reset_peak_memory_stats()
-    F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    loss_fn(model(x), y).backward()
     model.zero_grad(set_to_none=True)
     return torch.cuda.max_memory_allocated() / 2**20
 

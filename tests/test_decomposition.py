@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,9 @@ def test_scaled_skip_carries_earlier_terms_through_every_later_scale():
     dec = decompose(m, x)
     torch.testing.assert_close(dec.components[0], 0.5 ** 3 * m.stem(x))  # a^L x0
     torch.testing.assert_close(dec.components.sum(0), dec.final)
+    # each term's weight: b for the branch, times a for every later skip
+    np.testing.assert_allclose(dec.weights(), [0.125, 2 * 0.25, 2 * 0.5, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(decompose(perturbed_gpt(), toks()).weights(), 1.0, rtol=1e-6)  # Pre-LN: uniform
 
 
 @pytest.mark.parametrize("final_norm", ["layernorm", "rmsnorm", "none"])

@@ -167,19 +167,12 @@ def naive_mhc(t: Trunk, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_hc_matches_per_token_reference(n):
-    t = trunk_of("hc", streams=n)
+@pytest.mark.parametrize("scheme, reference", [("hc", naive_hc), ("mhc", naive_mhc)])
+def test_matches_per_token_reference(scheme, reference, n):
+    t = trunk_of(scheme, streams=n)
     perturb(t.scheme)
     x = tokens()
-    torch.testing.assert_close(t(x), naive_hc(t, x), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("n", [1, 3])
-def test_mhc_matches_per_token_reference(n):
-    t = trunk_of("mhc", streams=n)
-    perturb(t.scheme)
-    x = tokens()
-    torch.testing.assert_close(t(x), naive_mhc(t, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t(x), reference(t, x), rtol=1e-5, atol=1e-5)
 
 
 def test_mhc_residual_matrix_is_doubly_stochastic():

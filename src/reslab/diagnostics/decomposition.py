@@ -36,15 +36,23 @@ class Decomposition:
     Attributes:
         components: ``(1 + L, *final.shape)``; ``components.sum(0) == final``.
         final: the trunk's output.
+        sources: ``[x0, out_0, ..., out_{L-1}]``, what each component started as (the raw branch outputs).
     """
 
     components: Tensor
     final: Tensor
+    sources: list[Tensor]
 
     def shares(self) -> np.ndarray:
         """``E ||c_j|| / ||x_final||`` per component (per sample, or per token for token streams)."""
         f = flat(self.final).double().norm(dim=1)
         return np.asarray([float((flat(c).double().norm(dim=1) / f).mean()) for c in self.components])
+
+    def weights(self) -> np.ndarray:
+        """``E ||c_j|| / ||v_j||``: the weight each component gets in the final stream relative to its raw source
+        (exactly 1 for every component of the standard residual)."""
+        return np.asarray([float((c.double().norm(dim=-1) / v.double().norm(dim=-1).clamp_min(1e-30)).mean())
+                           for c, v in zip(self.components, self.sources)])
 
     def projections(self) -> np.ndarray:
         """``E <c_j, x_final> / ||x_final||^2``: the fraction of the final stream each component explains
@@ -76,7 +84,8 @@ def decompose(model: nn.Module, x: Tensor) -> Decomposition:
     finally:
         model.train(training)
     mix = rec.by_depth("mix", len(trunk) + 1)
-    return Decomposition(trunk.scheme.decompose(x0, rec.get("branch_out"), mix), rec.get("final")[0])
+    outs = rec.get("branch_out")
+    return Decomposition(trunk.scheme.decompose(x0, outs, mix), rec.get("final")[0], [x0, *outs])
 
 
 def _frozen_norm(norm: nn.Module, x: Tensor) -> tuple[bool, Tensor, Tensor | None]:

@@ -39,17 +39,6 @@ def _fit(k: np.ndarray, share: np.ndarray) -> float:
     return float(np.polyfit(np.log(k), np.log(share), 1)[0])
 
 
-def aggregation_weights(model, x: torch.Tensor) -> np.ndarray:
-    """``a_j = E ||c_j|| / ||v_j||`` for the embedding and every branch (per token)."""
-    dec = decompose(model, x)
-    with torch.no_grad(), record(model, names=("branch_out",)) as rec:
-        x0 = model.stem(x)
-        model.trunk(x0)
-    raw = [x0] + rec.get("branch_out")
-    return np.asarray([float((c.double().norm(dim=-1) / v.double().norm(dim=-1).clamp_min(1e-30)).mean())
-                       for c, v in zip(dec.components, raw)])
-
-
 def analyse(ctx: Context) -> ClaimResult:
     p = transformers.PROFILE[ctx.profile]
     seeds, depths = p["seeds"], p["depths"]
@@ -89,15 +78,16 @@ def analyse(ctx: Context) -> ClaimResult:
         if scheme not in ("preln", "hc", "mhc", *LEARNED):
             continue
         model, _ = load_trained(ctx, rid)
-        trained.setdefault((scheme, L), []).append(aggregation_weights(model, x))
-        shares.setdefault((scheme, L), []).append(decompose(model, x).shares())
+        dec = decompose(model, x)
+        trained.setdefault((scheme, L), []).append(dec.weights())
+        shares.setdefault((scheme, L), []).append(dec.shares())
         if L == deep:
             with torch.no_grad(), record(model, names=("mix",)) as rec:
                 model(x)
             mix = rec.by_depth("mix", len(model.trunk) + 1)
             if scheme in ("attnres", "block_attnres"):
                 alphas.setdefault(scheme, []).append(
-                    [None if a is None else a.reshape(-1, a.shape[-1]).mean(0).numpy() for a in mix])
+                    [None if a is None else a.numpy() for a in model.trunk.scheme.depth_weights(mix)])
             elif scheme == "denseformer" and seed == seeds[0]:
                 dwa[scheme] = model.trunk.scheme.dwa_matrix().numpy()
             elif scheme in ("hc", "mhc"):

@@ -39,8 +39,7 @@ SCHEMES: dict[str, tuple[str, dict]] = {
     "mHC": ("mhc", {}),
     "DenseFormer": ("denseformer", {}),
 }
-KEYS = {label: scheme for label, (scheme, _) in SCHEMES.items()}
-LABELS = {scheme: label for label, scheme in KEYS.items()}
+LABELS = {scheme: label for label, (scheme, _) in SCHEMES.items()}
 PROFILE = {
     "smoke": dict(depths=(1, 2), seeds=(0,), d=16, heads=2, ctx=16, batch=8, samples=64, warmup=2, corpus="pydoc"),
     "quick": dict(depths=(2, 4), seeds=(0, 1, 2), d=32, heads=2, ctx=32, batch=32, samples=4800, warmup=20,
