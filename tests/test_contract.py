@@ -7,6 +7,7 @@ import torch
 
 import reslab
 from reslab.diagnostics.decomposition import decompose
+from reslab.diagnostics.recorder import record
 from reslab.models import list_families
 from reslab.residuals import residual_class
 
@@ -158,3 +159,55 @@ def test_decomposition_sums_to_the_final_stream(family, scheme):
     assert dec.components.shape == (1 + len(m.trunk), *dec.final.shape)
     torch.testing.assert_close(dec.components.sum(0), dec.final, rtol=1e-4, atol=1e-5)
     assert dec.projections().sum() == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_recorded_gradients_are_the_gradients_of_the_stream(family, scheme):
+    """``rec.grads()[i]`` is dL/d(state_i) of the very tensor the trunk tapped as ``state`` (the stream, or all of
+    hyper-connections' streams: a view, one of several outputs of a node, or the input itself), raw and as
+    per-sample norms."""
+    torch.manual_seed(0)
+    m = build(family, scheme).train()
+    perturb(m)
+    x = tiny_input(family)
+    live = {}
+    hooks = [blk.hook_state.register_forward_hook(lambda mod, args, out, i=i: live.__setitem__(i, args[0]))
+             for i, blk in enumerate(m.trunk.blocks)]
+    torch.manual_seed(1)  # the same draws in every pass (stochastic schemes)
+    expected = torch.autograd.grad(m(x).square().mean(), [live[i] for i in range(len(m.trunk))])
+    for h in hooks:
+        h.remove()
+    for grad_reduce, want in ((None, expected), ("norm", [e.flatten(1).norm(dim=1) for e in expected])):
+        torch.manual_seed(1)
+        with record(m, names=(), grads=True, grad_reduce=grad_reduce) as rec:
+            m(x).square().mean().backward()
+        got = rec.grads()
+        assert len(got) == len(m.trunk)
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_hook_points_see_what_the_recorder_records(family, scheme):
+    """A forward hook on every hook point (``blocks.{i}.hook_*``, ``hook_final``, ``hook_final_mix``) sees the
+    very tensors an attached recorder keeps, whatever the scheme taps."""
+    torch.manual_seed(0)
+    m = build(family, scheme).eval()
+    perturb(m)
+    seen = {}
+    points = [(n, p) for n, p in m.trunk.named_modules() if n.rsplit(".", 1)[-1].startswith("hook_")]
+    handles = [p.register_forward_hook(lambda mod, args, out, n=n: seen.setdefault(n, []).append(args[0]))
+               for n, p in points]
+    with record(m) as rec:
+        m(tiny_input(family))
+    for h in handles:
+        h.remove()
+    kept = {(f"hook_{k[0]}" if k[1] == len(m.trunk) and k[0] == "final" else
+             f"hook_final_{k[0]}" if k[1] == len(m.trunk) else f"blocks.{k[1]}.hook_{k[0]}"): v
+            for k, v in rec._data.items()}
+    assert set(kept) == set(seen)
+    for n, v in kept.items():
+        assert len(v) == len(seen[n]) == 1
+        assert torch.equal(v[0], seen[n][0])

@@ -9,13 +9,15 @@ Families build branches; the scheme owns the rule; the trunk runs::
         state = scheme.write(state, i, out, h)
     y = scheme.end(state)
 
-Taps. At each depth ``i`` the trunk reports ``resid_pre``, ``branch_in``, ``branch_out`` and ``resid_post``, the
+Taps. At each depth ``i`` the trunk reports ``resid_pre``, ``state`` (what carries the gradient back past depth
+``i``: the stream itself, or all of hyper-connections' streams), ``branch_in``, ``branch_out`` and ``resid_post``, the
 scheme reports ``contribution`` (what was actually added, after gates and scales) and ``mix`` (gates, mixing
-weights), and ``final`` is reported once with index ``len(trunk)``. They reach an attached recorder
+weights), and ``final`` is reported once with index ``len(trunk)`` (as is ``mix`` by a scheme that reads the
+stream once more at the end, AttnRes). They reach an attached recorder
 (:meth:`Trunk.set_tap`, or ``reslab.diagnostics.record``) and the TransformerLens-style hook points
-``trunk.blocks.{i}.hook_resid_pre`` ... ``trunk.hook_final``, so that a plain ``register_forward_hook`` on a
-hook point sees the tensor. Hooks observe: a value they return is ignored. With no recorder attached and no
-hook registered, nothing is stored or computed.
+``trunk.blocks.{i}.hook_resid_pre`` ... ``trunk.hook_final`` (and ``trunk.hook_final_mix``), so that a plain
+``register_forward_hook`` on a hook point sees the tensor. Hooks observe: a value they return is ignored. With no
+recorder attached and no hook registered, nothing is stored or computed.
 
 Lesions and reordering. Branches in :attr:`Trunk.lesioned` are deleted at run time and the scheme's ``skip``
 decides what the state becomes without them, so "remove block i" is right for every scheme;
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 
 from reslab.residuals.base import ResidualScheme, Tap
 
-BLOCK_TAPS = ("resid_pre", "branch_in", "branch_out", "contribution", "resid_post", "mix")
+BLOCK_TAPS = ("resid_pre", "state", "branch_in", "branch_out", "contribution", "resid_post", "mix")
 
 
 class HookPoint(nn.Identity):
@@ -62,6 +64,7 @@ class Trunk(nn.Module):
         self.scheme = scheme
         self.blocks = nn.ModuleList(BlockHooks() for _ in branches)
         self.hook_final = HookPoint()
+        self.hook_final_mix = HookPoint()  # the weights of a final read of the stream (AttnRes), tapped at depth L
         self._hook_points = [m for m in self.modules() if isinstance(m, HookPoint)]
         self.lesioned: frozenset[int] = frozenset()
         self.order: tuple[int, ...] | None = None
@@ -78,6 +81,7 @@ class Trunk(nn.Module):
         for i in self.order if self.order is not None else range(len(self.branches)):
             if tap is not None:
                 tap("resid_pre", i, scheme.stream(state))
+                tap("state", i, scheme.carrier(state))
             if lesioned and i in lesioned:
                 state = scheme.skip(state, i)
             else:
@@ -104,7 +108,8 @@ class Trunk(nn.Module):
         def emit(name: str, i: int, value: Tensor) -> None:
             if recorder is not None:
                 recorder(name, i, value)
-            point = self.hook_final if name == "final" else getattr(self.blocks[i], f"hook_{name}")
+            point = (getattr(self, f"hook_{name}" if name == "final" else f"hook_final_{name}")
+                     if i == len(self.blocks) else getattr(self.blocks[i], f"hook_{name}"))
             if point._forward_hooks or point._forward_pre_hooks:
                 point(value)
 

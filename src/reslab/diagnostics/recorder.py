@@ -6,13 +6,14 @@ Usage::
         loss = criterion(model(x), y)
         loss.backward()
     rec.get("branch_out")       # list over depth of tensors, batches concatenated
-    rec.grads()                 # list over depth of dL/d(resid_pre_i)
+    rec.grads()                 # list over depth of dL/d(state_i), the stream's gradient at each depth
 
 ``reduce`` turns each tapped tensor into something smaller before it is kept, so a recorder can run over a whole
 dataset: a function ``reduce(name, i, tensor)``, or ``"norm"`` for per-sample L2 norms over all non-batch axes.
-The built-in ``"norm"`` does not depend on the tap's name, so when a tap hands over the very tensor the previous
-kept tap had (``contribution`` is ``branch_out`` for schemes that add the branch as it is; ``resid_pre`` of block
-``i + 1`` is ``resid_post`` of block ``i``) its norms are reused instead of computed again.
+The built-in ``"norm"`` (:func:`sample_norms`) does not depend on the tap's name, so when a tap hands over the very
+tensor the previous kept tap had (``contribution`` is ``branch_out`` for schemes that add the branch as it is;
+``resid_pre`` of block ``i + 1`` is ``resid_post`` of block ``i``; ``state`` is ``resid_pre`` but for
+hyper-connections) its norms are reused instead of computed again.
 The context manager always detaches, also on error.
 """
 
@@ -30,9 +31,14 @@ from reslab.trunk import BLOCK_TAPS, Trunk
 Reduce = Callable[[str, int, Tensor], Tensor]
 
 
-def _sample_norms(name: str, i: int, t: Tensor) -> Tensor:
-    """Per-sample L2 norms over all non-batch axes (``torch.linalg.vector_norm``, no Python wrapper)."""
-    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim()))) if t.dim() > 1 else t.abs()
+_NORM_DIMS = {2: 1, 3: (1, 2), 4: (1, 2, 3)}
+
+
+def sample_norms(t: Tensor) -> Tensor:
+    """Per-sample L2 norms over all non-batch axes (absolute values of a 1-D tensor): one kernel."""
+    if t.dim() < 2:
+        return t.abs()
+    return torch.linalg.vector_norm(t, dim=_NORM_DIMS.get(t.dim()) or tuple(range(1, t.dim())))
 
 
 class Recorder:
@@ -41,7 +47,8 @@ class Recorder:
     Args:
         names: taps to keep (default: all). ``final`` is kept under depth ``len(trunk)``.
         reduce: ``reduce(name, i, tensor) -> tensor`` applied before keeping (detached first), or ``"norm"``.
-        grads: also capture ``dL/d(resid_pre_i)`` during backward (needs a graph through the stream).
+        grads: also capture ``dL/d(state_i)`` during backward (needs a graph through the stream): the gradient of
+            the stream at the start of block ``i``, of all ``n`` streams for hyper-connections.
         grad_reduce: reduction applied to each captured gradient, a function or ``"norm"``.
     """
 
@@ -54,33 +61,48 @@ class Recorder:
         for r in (reduce, grad_reduce):
             if isinstance(r, str) and r != "norm":
                 raise ValueError(f"unknown reduction {r!r}; give a function or 'norm'")
-        self.reduce = _sample_norms if reduce == "norm" else reduce
-        self.grad_reduce = _sample_norms if grad_reduce == "norm" else grad_reduce
+        self.reduce = reduce
+        self.grad_reduce = grad_reduce
         self.want_grads = grads
         self._data: dict[tuple[str, int], list[Tensor]] = defaultdict(list)
         self._grads: dict[int, list[Tensor]] = defaultdict(list)
-        self._reuse = reduce == "norm"  # a name-independent reduction: the same tensor twice gives the same result
-        self._last: tuple[Tensor, Tensor] | None = None  # (tapped tensor, its reduction) of the last kept tap
+        self._last: tuple[Tensor, Tensor] | None = None  # (tapped tensor, its norms) of the last kept tap
 
     def __call__(self, name: str, i: int, value: Tensor) -> None:
-        if self.want_grads and name == "resid_pre" and value.requires_grad:
-            value.register_hook(lambda g, i=i: self._keep_grad(i, g))
+        if name == "state" and self.want_grads and value.requires_grad:
+            self._watch_grad(i, value)
         if name in self.names:
-            last = self._last
-            if last is not None and last[0] is value:
-                kept = last[1]
-            else:
-                v = value.detach()
-                kept = self.reduce(name, i, v) if self.reduce is not None else v
-                if self._reuse:
+            reduce = self.reduce
+            if reduce == "norm":  # name-independent: the very tensor of the last kept tap has the same norms
+                last = self._last
+                if last is not None and last[0] is value:
+                    kept = last[1]
+                else:
+                    kept = sample_norms(value.detach())
                     self._last = (value, kept)
+            else:
+                kept = value.detach() if reduce is None else reduce(name, i, value.detach())
             self._data[(name, i)].append(kept)
         if name == "final":
             self._last = None  # hold no reference to this forward's tensors past its end
 
+    def _watch_grad(self, i: int, value: Tensor) -> None:
+        """Keep ``dL/d(value)`` when backward gets there.
+
+        The hook goes on the autograd node that made ``value``: a pre-hook sees the gradient of each output of the
+        node once it is complete, the gradient of ``value`` as it was when tapped, and costs less than
+        ``Tensor.register_hook`` (which a leaf, having no node, still gets).
+        """
+        node = value.grad_fn
+        if node is None:
+            value.register_hook(lambda g: self._keep_grad(i, g))
+            return
+        k = value.output_nr
+        node.register_prehook(lambda grads: None if grads[k] is None else self._keep_grad(i, grads[k]))
+
     def _keep_grad(self, i: int, g: Tensor) -> None:
-        g = g.detach()
-        self._grads[i].append(self.grad_reduce("grad", i, g) if self.grad_reduce is not None else g)
+        g, reduce = g.detach(), self.grad_reduce
+        self._grads[i].append(g if reduce is None else sample_norms(g) if reduce == "norm" else reduce("grad", i, g))
 
     def get(self, name: str) -> list[Tensor]:
         """Tensors tapped under ``name``, one per depth (in depth order), batches concatenated along dim 0."""
@@ -92,7 +114,7 @@ class Recorder:
         return [torch.cat(self._data[(name, i)]) if (name, i) in self._data else None for i in range(n)]
 
     def grads(self) -> list[Tensor]:
-        """``dL/d(resid_pre_i)`` per depth, batches concatenated along dim 0."""
+        """``dL/d(state_i)`` per depth, batches concatenated along dim 0."""
         return [torch.cat(self._grads[i]) for i in sorted(self._grads)]
 
     def clear(self) -> None:

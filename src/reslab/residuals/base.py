@@ -168,6 +168,12 @@ class ResidualScheme(nn.Module):
         """The residual stream held in ``state`` as one tensor, for taps."""
         return state
 
+    def carrier(self, state: Any) -> Tensor:
+        """The tensor of ``state`` that every gradient to earlier depths passes through (tapped as ``state``; the
+        recorder's gradients are taken with respect to it): the stream itself unless that is only a summary of the
+        state."""
+        return self.stream(state)
+
     def decompose(self, x0: Tensor, outs: Sequence[Tensor], mix: Sequence[Tensor | None]) -> Tensor:
         """Replay the rule on recorded tensors: what each component contributes to the final stream.
 

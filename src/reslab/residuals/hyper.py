@@ -207,6 +207,10 @@ class MultiStreamScheme(ResidualScheme):
         """The reduced stream (what :meth:`end` returns), shaped like ``x0``."""
         return self._reduce(state, -2)
 
+    def carrier(self, state: Tensor) -> Tensor:
+        """All ``n`` streams: the reduced stream is a summary no later depth reads, so it carries no gradient."""
+        return state
+
     def decompose(self, x0: Tensor, outs: Sequence[Tensor], mix: Sequence[Tensor | None]) -> Tensor:
         """Carry each component's per-stream coefficients through the recorded ``A_r``: ``x0`` starts at ``1`` on every
         stream, ``out_i`` enters with ``B_i``; each contribution is ``reduce(coefficients) * component``."""
