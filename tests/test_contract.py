@@ -148,7 +148,7 @@ def test_decomposition_sums_to_the_final_stream(family, scheme):
     m = build(family, scheme).eval()
     perturb(m)
     s = m.trunk.scheme
-    linear = s.post_norms is None and isinstance(s.post, torch.nn.Identity) and not (
+    linear = s.post_norms is None and s.post_op == "none" and not (
         s.shortcut_option not in (None, "A") and any(sp.changes_shape for sp in s.specs))
     x = tiny_input(family)
     if not linear:

@@ -57,7 +57,7 @@ def brute_force_paths(trunk: Trunk, x0: torch.Tensor, g: torch.Tensor) -> dict[t
     """
     scheme = trunk.scheme
     a, b = getattr(scheme, "a", 1.0), getattr(scheme, "b", 1.0)
-    relu = isinstance(scheme.post, nn.ReLU)
+    relu = scheme.post_op == "relu"
     n = len(trunk)
     Ws = [br.weight.detach() for br in trunk.branches]
     Ps = [sc.proj.weight.detach() if hasattr(sc, "proj") else torch.eye(D, dtype=torch.float64)

@@ -180,7 +180,7 @@ class _Linearised:
         net.double().eval().requires_grad_(False)
         self.trunk, self.scheme = net, net.scheme
         self.plain = isinstance(net.scheme, Plain)
-        self.post_identity = isinstance(net.scheme.post, nn.Identity) and net.scheme.post_norms is None
+        self.post_identity = net.scheme.post_op == "none" and net.scheme.post_norms is None
         self.batched = True
         self.blocks: list[_Block] = []
         scheme = self.scheme

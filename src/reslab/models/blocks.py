@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -31,12 +32,11 @@ class TwoLayerBranch(nn.Module):
         super().__init__()
         self.layer1, self.layer2, self.norm1, self.norm2 = layer1, layer2, norm1, norm2
         self.preact = preact
-        self.act = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.preact:
-            return self.layer2(self.act(self.norm2(self.layer1(self.act(self.norm1(x))))))
-        return self.norm2(self.layer2(self.act(self.norm1(self.layer1(x)))))
+            return self.layer2(F.relu(self.norm2(self.layer1(F.relu(self.norm1(x))))))
+        return self.norm2(self.layer2(F.relu(self.norm1(self.layer1(x)))))
 
     def last_module(self) -> nn.Module:
         """The module that writes the branch output: the last norm (post-act) or last layer (pre-act)."""

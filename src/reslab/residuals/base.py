@@ -96,9 +96,12 @@ class ResidualScheme(nn.Module):
             option = "A" if shortcut is None else shortcut
             self.shortcut_option: str | None = option
             self.shortcuts = nn.ModuleList(make_shortcut(option, s) for s in self.specs)
+            self._identity = tuple(isinstance(m, nn.Identity) for m in self.shortcuts)
         else:
             self.shortcut_option = None
-        self.post = _make_post(post)
+        if post not in (None, "none", "relu"):
+            raise ValueError(f"unknown post-combination op {post!r}; expected 'relu' or None")
+        self.post_op = "relu" if post == "relu" else "none"
         self._init_norms(norm if norm is not None else (self.default_norm or "none"), norm_type)
         self.tap: Tap | None = None
 
@@ -128,10 +131,19 @@ class ResidualScheme(nn.Module):
         """Branch ``i``'s output as the rule uses it: ``N'_i(out)`` with a sandwich norm, else ``out``."""
         return out if self.out_norms is None else self.out_norms[i](out)
 
+    def post(self, y: Tensor) -> Tensor:
+        """The post-combination operation: ReLU (post-activation ResNets) or nothing."""
+        return torch.relu(y) if self.post_op == "relu" else y
+
     def finish(self, i: int, y: Tensor) -> Tensor:
         """The stream after combination ``i``: the post operation, then the post norm ``N_i`` if any."""
         y = self.post(y)
         return y if self.post_norms is None else self.post_norms[i](y)
+
+    def shortcut(self, i: int, x: Tensor) -> Tensor:
+        """Branch ``i``'s shortcut applied to ``x`` (an identity shortcut without a module call: the trunk runs this
+        once per block, and on a small net each call into a module costs about 1% of the step)."""
+        return x if self._identity[i] else self.shortcuts[i](x)
 
     def bind(self, branches: Sequence[nn.Module]) -> None:
         """Meet the branches once, after the family built them (called by :func:`reslab.create_model`):
@@ -162,7 +174,7 @@ class ResidualScheme(nn.Module):
         For an additive scheme this is ``y_i = shortcut(y_{i-1})`` (Veit et al. 2016); a scheme whose
         skip path carries a scale keeps it, so that deleting the branch removes exactly its term.
         """
-        return self.shortcuts[i](state)
+        return self.shortcut(i, state)
 
     def stream(self, state: Any) -> Tensor:
         """The residual stream held in ``state`` as one tensor, for taps."""
@@ -194,7 +206,7 @@ class ResidualScheme(nn.Module):
 
     def _check_linear(self) -> None:
         """Refuse a decomposition where the rule renormalises or activates the stream after combining."""
-        if self.post_norms is not None or not isinstance(self.post, nn.Identity):
+        if self.post_norms is not None or self.post_op != "none":
             raise ValueError(f"residual scheme {self.name!r} normalises or activates the stream after each "
                              "combination, so the final stream is not a sum of components")
         if self.shortcut_option not in (None, "A") and any(s.changes_shape for s in self.specs):
@@ -249,14 +261,6 @@ class RMSNorm(nn.Module):
 
 NORM_PLACEMENTS = ("none", "pre", "post", "sandwich")
 NORM_TYPES: dict[str, Callable[[int], nn.Module]] = {"layernorm": nn.LayerNorm, "rmsnorm": RMSNorm}
-
-
-def _make_post(post: str | None) -> nn.Module:
-    if post is None or post == "none":
-        return nn.Identity()
-    if post == "relu":
-        return nn.ReLU()
-    raise ValueError(f"unknown post-combination op {post!r}; expected 'relu' or None")
 
 
 class ParameterFreeSkip(nn.Module):

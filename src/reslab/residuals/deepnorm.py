@@ -32,7 +32,7 @@ class DeepNorm(AdditiveScheme):
         self.beta = float((8 * m) ** -0.25 if beta is None else beta)
 
     def skip(self, state: Tensor, i: int) -> Tensor:
-        return self.alpha * self.shortcuts[i](state)
+        return self.alpha * self.shortcut(i, state)
 
     def bind(self, branches) -> None:
         for w in weights_by_role(branches, "query", "key"):

@@ -27,4 +27,4 @@ class DropoutShortcut(AdditiveScheme):
         self.p = float(p)
 
     def skip(self, state: Tensor, i: int) -> Tensor:
-        return F.dropout(self.shortcuts[i](state), self.p, self.training)
+        return F.dropout(self.shortcut(i, state), self.p, self.training)

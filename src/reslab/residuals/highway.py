@@ -52,7 +52,7 @@ class GatedScheme(ResidualScheme):
         t = torch.sigmoid(self.gates[i](h))
         out = self.norm_out(i, out)
         c = t * out if self.gate_branch else out
-        carry = self.shortcuts[i](state)
+        carry = self.shortcut(i, state)
         if self.gate_skip:
             carry = (1.0 - t) * carry
         if self.tap is not None:
@@ -65,7 +65,7 @@ class GatedScheme(ResidualScheme):
         self._check_linear()
         comps = [x0]
         for i, (out, t) in enumerate(zip(outs, mix)):
-            comps = [self.shortcuts[i](c) for c in comps]
+            comps = [self.shortcut(i, c) for c in comps]
             if self.gate_skip:
                 comps = [(1.0 - t) * c for c in comps]
             out = self.norm_out(i, out)

@@ -32,7 +32,7 @@ class Scaled(AdditiveScheme):
         self.a, self.b = float(a), float(b)
 
     def skip(self, state: Tensor, i: int) -> Tensor:
-        s = self.shortcuts[i](state)
+        s = self.shortcut(i, state)
         return s if self.a == 1.0 else self.a * s
 
     def contribution(self, out: Tensor, h: Tensor, i: int) -> Tensor:
