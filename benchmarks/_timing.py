@@ -46,16 +46,21 @@ def make_step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
     return step
 
 
-def time_steps(step: Callable[[], None], n: int, device: str) -> float:
-    """Seconds per step over ``n`` steps."""
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def time_steps(step: Callable[[], None], n: int, device: str, clock: str = "wall") -> float:
+    """Seconds per step over ``n`` steps, by the wall clock or by this thread's CPU time (``clock="cpu"``: the
+    whole cost of a step when torch runs on one CPU thread, without the time the machine gave to others)."""
+    now = CLOCKS[clock]
     if device == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = now()
     for _ in range(n):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n
+    return (now() - t0) / n
 
 
 def round_order(names: Sequence[str], r: int) -> list[str]:
@@ -65,7 +70,8 @@ def round_order(names: Sequence[str], r: int) -> list[str]:
 
 
 def interleaved(steps: dict[str, Callable[[], None]], rounds: int, n: int, device: str,
-                on_round: Callable[[int, dict[str, list[float]]], None] | None = None) -> dict[str, list[float]]:
+                on_round: Callable[[int, dict[str, list[float]]], None] | None = None,
+                clock: str = "wall") -> dict[str, list[float]]:
     """Seconds per step of each entry of ``steps``, ``rounds`` times.
 
     Each round runs ``n`` steps of every entry in :func:`round_order`, so each entry takes every position equally
@@ -74,7 +80,7 @@ def interleaved(steps: dict[str, Callable[[], None]], rounds: int, n: int, devic
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(rounds):
         for name in round_order(list(steps), r):
-            times[name].append(time_steps(steps[name], n, device))
+            times[name].append(time_steps(steps[name], n, device, clock))
         if on_round is not None:
             on_round(r, times)
     return times

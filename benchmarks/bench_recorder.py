@@ -70,6 +70,29 @@ def vector_norm_reduce(name: str, i: int, t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())))
 
 
+class FloorTap:
+    """The least a recorder of these norms can do in eager PyTorch, as a bare tap function: one
+    ``linalg.vector_norm`` per distinct tapped tensor and one node pre-hook (with its norm) per depth, kept in plain
+    lists, no names, no checks. What :class:`Recorder` costs above this is its bookkeeping."""
+
+    want_grads = True
+
+    def __init__(self) -> None:
+        self.kept: list[Tensor] = []
+        self.grads: list[Tensor] = []
+
+    def __call__(self, name: str, i: int, value: Tensor) -> None:
+        if name in ("branch_out", "resid_post") or (name == "resid_pre" and i == 0):
+            self.kept.append(torch.linalg.vector_norm(value.detach(), dim=1))
+        elif name == "state":
+            k, keep = value.output_nr, self.grads.append
+            value.grad_fn.register_prehook(lambda g: keep(torch.linalg.vector_norm(g[k], dim=1)))
+
+    def clear(self) -> None:
+        self.kept.clear()
+        self.grads.clear()
+
+
 class HandMLPBlock(nn.Module):
     """``relu(bn2(fc2(relu(bn1(fc1(x))))) + x)``: reslab's post-activation two-layer branch, identity skip."""
 
@@ -206,7 +229,7 @@ def run_model(name: str, rounds: int, steps_per_round: int, warmup: int, args: a
                   f"{t['attached'] / t['hand']:.3f}", flush=True)
 
         t_start = time.perf_counter()
-        times = interleaved(steps, rounds, steps_per_round, args.device, on_round)
+        times = interleaved(steps, rounds, steps_per_round, args.device, on_round, args.clock)
         wall, load1, other = time.perf_counter() - t_start, os.getloadavg()[0], others.cores()
         # the recorder only observes: the three reslab nets took the same steps and must hold the same weights
         w = {c: torch.cat([q.detach().flatten() for q in nets[c].parameters()])
@@ -238,8 +261,12 @@ ABLATION = {
     "gradient hooks + built-in norm": dict(names=(), grads=True, grad_reduce="norm"),
     "full config with user functions (`linalg.vector_norm`, no reuse)": dict(
         names=TAPS, reduce=vector_norm_reduce, grads=True, grad_reduce=vector_norm_reduce),
+    "stream norms + gradient norms only (`names=(\"resid_pre\",)`, built-in norms)": dict(
+        names=("resid_pre",), reduce="norm", grads=True, grad_reduce="norm"),
     "full config, built-in norms (the `attached` above)": dict(names=TAPS, reduce="norm", grads=True,
                                                                grad_reduce="norm"),
+    "the floor: the same norms and gradient norms with no bookkeeping (`FloorTap`, a bare tap function)": dict(
+        floor=True),
 }
 
 
@@ -254,7 +281,7 @@ def run_ablation(name: str, rounds: int, steps_per_round: int, args: argparse.Na
     trunk = model.trunk
 
     def variant(kw: dict) -> Callable[[], None]:
-        rec = Recorder(**kw)
+        rec = FloorTap() if kw.get("floor") else Recorder(**kw)
 
         def run() -> None:  # attach for this chunk of steps only: the other variants share the net
             trunk.set_tap(rec)
@@ -280,7 +307,7 @@ def run_ablation(name: str, rounds: int, steps_per_round: int, args: argparse.Na
         time_steps(st, 2, args.device)
     print(f"\n== ablation, {name}: {len(steps)} variants, {rounds} rounds x {steps_per_round} steps", flush=True)
     others, t_start = OtherLoad(), time.perf_counter()
-    times = interleaved(steps, rounds, steps_per_round, args.device)
+    times = interleaved(steps, rounds, steps_per_round, args.device, clock=args.clock)
     wall, other = time.perf_counter() - t_start, others.cores()
     ratios = {k: [a / b for a, b in zip(times[k], times["detached"])] for k in ABLATION}
     return dict(name=name, rounds=rounds, steps=steps_per_round, wall=wall, other=other, ratios=ratios,
@@ -338,7 +365,10 @@ SECTION_INTRO = f"""## Recorder overhead (`benchmarks/bench_recorder.py`)
 Time of one training step (forward + cross-entropy + backward + SGD momentum step, train mode, a fixed random
 batch of 128, 10 classes) of `reslab.create_model("resnet56")` (3x32x32 inputs) and
 `reslab.create_model("mlp56", width=128, input_shape=(40,))` in four configurations with the same weights,
-timed in the same process in interleaved rounds (the order rotates each round):
+timed in the same process in interleaved rounds (the order rotates each round). On the CPU with one torch thread a
+step is timed by that thread's CPU time (`--clock cpu`, the default there): all of a step's work runs on it, and a
+virtual machine's stolen or preempted time, which made wall-clock ratios of identical nets spread by +-10%, stays
+out:
 
 - `hand` (the reference): a hand-written plain-PyTorch twin with identical layers: for ResNet-56 the one of
   `bench_trunk.py`, for MLP-56 linear-BN-ReLU stem, 27 blocks `relu(BN(W2 relu(BN(W1 x))) + x)`, linear
@@ -347,14 +377,15 @@ timed in the same process in interleaved rounds (the order rotates each round):
 - `detached`: the reslab model as shipped: no recorder, no hooks;
 - `attached`: inside `record(model, names=("resid_pre", "branch_out", "contribution", "resid_post"),
   reduce="norm", grads=True, grad_reduce="norm")` (the recorder's built-in per-sample norms,
-  `torch.linalg.vector_norm`, computed once per distinct tensor), with `rec.clear()` after every step.
+  `torch.linalg.vector_norm`, computed once per distinct tensor; gradients through one pre-hook on the autograd
+  node of each depth's stream), with `rec.clear()` after every step.
 
 Ratios are paired per round (step time over the reference's in the same round), summarised by the median with
 a distribution-free 95% confidence interval (order statistics), quartiles and range.
 
 **Why the hand-written twin is the reference.** It is the only one with no tap code at all, so
 detached/hand-written bounds the cost of the taps from above: it also charges reslab's trunk dispatch (the
-scheme's read/write, shortcut and post modules, which `bench_trunk.py` holds to <= 3%), so it can overstate what
+scheme's read/write/skip calls, which `bench_trunk.py` holds to <= 3%), so it can overstate what
 the taps cost when nobody listens but never understate it. Monkeypatching `trunk._tap` (`notap`) is not a
 tap-free reference: it removes only the hook-point scan (the one piece of tap work on the detached path besides
 `is not None` tests) and measures reslab against itself; it is kept as a second column to separate the tap
@@ -367,7 +398,10 @@ The ablation (`--ablate`, mlp56 only) times recorder variants on one reslab net 
 in the same interleaved rounds, to show what the attached cost is made of. The built-in `reduce="norm"` reuses
 the norms when a tap hands over the very tensor the previous kept tap had (`contribution` is `branch_out` for
 the identity scheme; `resid_pre` of block i+1 is `resid_post` of block i), so it computes about half as many
-norms as a user function, which cannot be assumed to ignore the tap's name.
+norms as a user function, which cannot be assumed to ignore the tap's name. The last line, `FloorTap`, is the
+least any recorder of these numbers does in eager PyTorch (the same 55 norms, 27 gradient pre-hooks and 27 norms
+in backward, in a bare function with no names or checks): the recorder's cost above it is bookkeeping, and the
+floor itself is what one dispatched kernel or Python hook costs inside a step of this small net.
 
 Targets: **detached <= 1%** (ratio <= {TARGET['detached']:.2f}), **norms + gradient norms attached <= 10%**
 (ratio <= {TARGET['attached']:.2f}). Run with `--threads 1` (the default): on a 2-core machine shared with
@@ -389,6 +423,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, choices=[1, 2],
                     help="torch threads (default 1: reproducible on a shared 2-core machine)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--clock", choices=["cpu", "wall"],
+                    help="step time by this thread's CPU time (default on cpu with 1 thread: a virtual machine's "
+                         "stolen and preempted time stays out) or by the wall clock (default otherwise)")
     ap.add_argument("--profile", action="store_true", help="also cProfile the detached and attached steps")
     ap.add_argument("--ablate", action="store_true",
                     help="also time recorder variants on mlp56 (what the attached cost is made of)")
@@ -397,6 +434,10 @@ def main() -> None:
     ap.add_argument("--note", action="append", default=[], help="a note line for the BENCHMARKS.md section")
     ap.add_argument("--write", action="store_true", help="replace the bench_recorder section of BENCHMARKS.md")
     args = ap.parse_args()
+    if args.clock is None:
+        args.clock = "cpu" if args.device == "cpu" and args.threads == 1 else "wall"
+    if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
+        ap.error("--clock cpu measures one CPU thread: use it with --device cpu --threads 1")
 
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), 1-min load average "
@@ -426,7 +467,8 @@ def main() -> None:
                    else f"{cpu_name()} ({os.cpu_count()} cores), torch.set_num_threads({torch.get_num_threads()})")
         cmd = shlex.join(["python", "benchmarks/bench_recorder.py", *sys.argv[1:]])
         body = [SECTION_INTRO,
-                f"- machine: {machine}; torch {torch.__version__}, Python {platform.python_version()}",
+                f"- machine: {machine}; torch {torch.__version__}, Python {platform.python_version()}; "
+                f"clock: {'thread CPU time' if args.clock == 'cpu' else 'wall'}",
                 f"- date: {datetime.date.today().isoformat()}",
                 f"- command: `{cmd}` ({total:.0f} s)"]
         for res in results:
