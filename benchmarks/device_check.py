@@ -1,8 +1,11 @@
 """One prepared check of reslab's CUDA path, for a machine with a GPU (never part of the test suite).
 
-Checks: every registered scheme and family (the GPT family included) runs forward/backward on CUDA; ``reslab train`` runs on CUDA with
-and without bfloat16 autocast; an interrupted CUDA run resumes to the same metrics as an uninterrupted one
-(reported as the largest difference, since cuDNN kernels need not be bitwise deterministic).
+Checks: every registered scheme and family (the GPT family included) runs forward/backward on CUDA; ``reslab train``
+runs on CUDA with and without bfloat16 autocast; an interrupted CUDA run resumes to the same metrics as an
+uninterrupted one (reported as the largest difference, since cuDNN kernels need not be bitwise deterministic).
+The timings a GPU session should also take: ``bench_recorder.py --device cuda --write`` (recorder overhead, whose
+10% target an MLP-56 step on the 2-core CPU misses), ``bench_trunk.py --device cuda``, ``bench_gpt.py --device
+cuda``.
 
 Run from the repository root: ``PYTHONPATH=src python benchmarks/device_check.py --out DIR``.
 """

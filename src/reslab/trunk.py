@@ -10,14 +10,14 @@ Families build branches; the scheme owns the rule; the trunk runs::
     y = scheme.end(state)
 
 Taps. At each depth ``i`` the trunk reports ``resid_pre``, ``state`` (what carries the gradient back past depth
-``i``: the stream itself, or all of hyper-connections' streams), ``branch_in``, ``branch_out`` and ``resid_post``, the
-scheme reports ``contribution`` (what was actually added, after gates and scales) and ``mix`` (gates, mixing
-weights), and ``final`` is reported once with index ``len(trunk)`` (as is ``mix`` by a scheme that reads the
-stream once more at the end, AttnRes). They reach an attached recorder
-(:meth:`Trunk.set_tap`, or ``reslab.diagnostics.record``) and the TransformerLens-style hook points
-``trunk.blocks.{i}.hook_resid_pre`` ... ``trunk.hook_final`` (and ``trunk.hook_final_mix``), so that a plain
-``register_forward_hook`` on a hook point sees the tensor. Hooks observe: a value they return is ignored. With no
-recorder attached and no hook registered, nothing is stored or computed.
+``i``: the stream itself, or all of hyper-connections' streams), ``branch_in``, ``branch_out`` and
+``resid_post``; the scheme reports ``contribution`` (what was actually added, after gates and scales) and ``mix``
+(gates, mixing weights); ``final`` is reported once with index ``len(trunk)`` (as is ``mix`` by a scheme that
+reads the stream once more at the end, AttnRes). They reach an attached recorder (:meth:`Trunk.set_tap`, or
+``reslab.diagnostics.record``) and the TransformerLens-style hook points ``trunk.blocks.{i}.hook_resid_pre`` ...
+``trunk.hook_final`` (and ``trunk.hook_final_mix``), so that a plain ``register_forward_hook`` on a hook point
+sees the tensor. Hooks observe: a value they return is ignored. With no recorder attached and no hook registered,
+nothing is stored or computed.
 
 Lesions and reordering. Branches in :attr:`Trunk.lesioned` are deleted at run time and the scheme's ``skip``
 decides what the state becomes without them, so "remove block i" is right for every scheme;

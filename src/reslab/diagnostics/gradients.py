@@ -1,8 +1,9 @@
 """The gradient highway: gradient norm at each depth (REFERENCE.md section 2; the seed's eq. dL/dx_l).
 
 ``stream[i] = ||dL/d(state_i)||`` (Frobenius over the batch; the stream at the start of block ``i``, all ``n``
-streams for hyper-connections) for the mean cross-entropy of one batch, and ``params[i]`` the norm of the gradient of block ``i``'s branch parameters. Measured in training mode (batch
-statistics, as an optimiser step sees them); every buffer is given back afterwards.
+streams for hyper-connections) for the mean cross-entropy of one batch, and ``params[i]`` the norm of the gradient
+of block ``i``'s branch parameters. Measured in training mode (batch statistics, as an optimiser step sees them);
+every buffer is given back afterwards.
 """
 
 from __future__ import annotations
