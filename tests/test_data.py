@@ -270,3 +270,9 @@ def test_registry_and_errors() -> None:
     base = Dataset("t", torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.int64),
                    torch.zeros(1, 3), torch.zeros(1, dtype=torch.int64), 2, (3,))
     assert base.prepare(base.x_train, train=True).dtype == torch.float32
+
+
+@pytest.mark.parametrize("spec,got", [("mnist1d:abc", "'abc'"), ("mnist1d:9", "9"), ("mnist1d:", "''")])
+def test_mnist1d_size_must_be_an_integer_of_at_least_ten(spec, got):
+    with pytest.raises(ValueError, match=rf"^mnist1d:N needs an integer N >= 10 .*, got {got}$"):
+        load_dataset(spec)

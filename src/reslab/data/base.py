@@ -119,6 +119,23 @@ def load_dataset(spec: str) -> Dataset:
     return DATASETS[name].load(arg.strip() if sep else None)
 
 
+def parse_int_arg(arg: str | None, default: int, minimum: int, what: str) -> int:
+    """The integer ``arg`` of a dataset spec (``default`` when absent).
+
+    Raises:
+        ValueError: ``arg`` is not an integer, or is below ``minimum``; the message starts with ``what``.
+    """
+    if arg is None:
+        return default
+    try:
+        n = int(arg)
+    except ValueError:
+        raise ValueError(f"{what}, got {arg!r}") from None
+    if n < minimum:
+        raise ValueError(f"{what}, got {n}")
+    return n
+
+
 def list_datasets() -> list[tuple[str, str, str]]:
     """Return ``(name, description, reference)`` for every registered dataset."""
     return [(e.name, e.description, e.reference) for e in DATASETS.values()]

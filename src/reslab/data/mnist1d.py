@@ -11,14 +11,14 @@ import io
 import json
 import os
 import random
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from reslab.data.base import Dataset
+from reslab.data.base import Dataset, parse_int_arg
+from reslab.runs import write_bytes
 
 DEFAULT_SAMPLES = 5000
 SEED = 42
@@ -52,18 +52,6 @@ def _generate(num_samples: int) -> dict[str, np.ndarray]:
             "x_test": d["x_test"].astype(np.float32), "y_test": d["y_test"].astype(np.int64)}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_cache(num_samples: int) -> dict[str, np.ndarray] | None:
     """Return the cached arrays if present and their checksum matches, else ``None`` (warning if corrupt)."""
     npz, sidecar = cache_paths(num_samples)
@@ -89,24 +77,10 @@ def _write_cache(num_samples: int, arrays: dict[str, np.ndarray]) -> None:
     blob = buf.getvalue()
     meta = {"sha256": hashlib.sha256(blob).hexdigest(), "num_samples": num_samples, "seed": SEED}
     try:
-        npz.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(npz, blob)
-        _atomic_write(sidecar, json.dumps(meta).encode())
+        write_bytes(npz, blob)
+        write_bytes(sidecar, json.dumps(meta).encode())
     except OSError as e:
         warnings.warn(f"could not write MNIST-1D cache to {npz}: {e}", RuntimeWarning, stacklevel=3)
-
-
-def _parse_samples(arg: str | None) -> int:
-    """Parse the ``N`` of ``mnist1d:N``."""
-    if arg is None:
-        return DEFAULT_SAMPLES
-    try:
-        n = int(arg)
-    except ValueError:
-        raise ValueError(f"mnist1d:N needs an integer number of samples, got {arg!r}") from None
-    if n < 10:
-        raise ValueError(f"mnist1d:N needs N >= 10 (at least one sample per class), got {n}")
-    return n
 
 
 def load_mnist1d(arg: str | None = None) -> Dataset:
@@ -123,7 +97,7 @@ def load_mnist1d(arg: str | None = None) -> Dataset:
     Raises:
         ValueError: If ``N`` is not an integer >= 10.
     """
-    n = _parse_samples(arg)
+    n = parse_int_arg(arg, DEFAULT_SAMPLES, 10, "mnist1d:N needs an integer N >= 10 (at least one sample per class)")
     arrays = _read_cache(n)
     if arrays is None:
         arrays = _generate(n)

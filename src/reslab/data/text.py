@@ -25,7 +25,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from reslab.data.base import Dataset
+from reslab.data.base import Dataset, parse_int_arg
 
 DEFAULT_CONTEXT = 128
 TRAIN_NUMERATOR, FRACTION_DENOMINATOR = 9, 10  # 90/10 split, in integer arithmetic
@@ -100,15 +100,7 @@ def build_text_dataset(name: str, text: str, context: int, source: str | None = 
 
 def parse_context(name: str, arg: str | None) -> int:
     """Parse the ``CTX`` of ``name:CTX`` (``None`` gives the default 128; ``""`` is an error)."""
-    if arg is None:
-        return DEFAULT_CONTEXT
-    try:
-        ctx = int(arg)
-    except ValueError:
-        raise ValueError(f"{name}: context length CTX must be a positive integer, got {arg!r}") from None
-    if ctx < 1:
-        raise ValueError(f"{name}: context length CTX must be a positive integer, got {ctx}")
-    return ctx
+    return parse_int_arg(arg, DEFAULT_CONTEXT, 1, f"{name}: context length CTX must be a positive integer")
 
 
 def read_text_file(path: Path) -> str:
