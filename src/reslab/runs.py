@@ -18,10 +18,20 @@ from typing import Any, Iterable
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give: the user's umask, not mkstemp's private 0600
+
+
 def _atomic(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -58,14 +68,34 @@ def save_torch(path: Path | str, obj: Any) -> None:
 
 
 def read_json(path: Path | str) -> Any:
-    return json.loads(Path(path).read_text())
+    """The JSON value in ``path``.
+
+    Raises:
+        ValueError: the file is not UTF-8 JSON; the message names the file.
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
+    """One JSON value per non-empty line of ``path`` (``[]`` when it does not exist).
+
+    Raises:
+        ValueError: a line that is not JSON; the message names the file and line.
+    """
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p} line {i} is not valid JSON ({e})") from None
+    return rows
 
 
 def _jsonable(o: Any) -> Any:
@@ -106,3 +136,60 @@ def environment(device: torch.device) -> dict[str, Any]:
         env["cuda"] = torch.version.cuda
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "step", "metrics", "rng")  # what train() saves (+ "cuda_rng")
+
+
+def load_checkpoint(path: Path | str, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`reslab.train.train` without executing anything stored in it.
+
+    The file is read with ``torch.load(weights_only=True)``: a reslab checkpoint holds only state dicts
+    (tensors, numbers, strings, booleans, None, lists, tuples and dicts), ints, the metrics (a list of dicts of
+    floats) and the RNG states (uint8 tensors), all of which PyTorch's restricted unpickler builds without an
+    allow-list; any other pickled global (a class, or a callable such as ``os.system``) is refused before it
+    is called.
+
+    Raises:
+        ValueError: one line naming the file, if it is missing or unreadable, truncated or corrupt, holds a
+            pickled object other than tensors and plain data, or is not a dict with the keys train() writes.
+    """
+    import pickle
+    import re
+    import warnings
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"checkpoint {p} is missing" if not p.exists() else f"checkpoint {p} is not a file")
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below is the one line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # the weights-only unpickler names the global it refused ("GLOBAL posix.system ...", "Unsupported
+        # global", "Unsupported class"); its other errors (unknown opcodes, bad stack) are corrupt data
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found or "Unsupported class" in str(e):
+            what = f" ({found.group(1)})" if found else ""
+            raise ValueError(f"checkpoint {p} refused: it holds a pickled object{what} other than tensors and "
+                             "plain data") from None
+        raise ValueError(f"checkpoint {p} is not a readable reslab checkpoint (truncated or corrupt)") from None
+    except PermissionError as e:
+        raise ValueError(f"checkpoint {p} cannot be read: {e.strerror or e}") from None
+    except Exception:  # noqa: BLE001 (RuntimeError from the zip reader, OSError from a seek past the end, EOFError...)
+        raise ValueError(f"checkpoint {p} is not a readable reslab checkpoint (truncated or corrupt)") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {p} is not a reslab checkpoint: it holds a {type(ckpt).__name__}, not a dict")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {p} is not a reslab checkpoint: it lacks {', '.join(map(repr, missing))}")
+    if not isinstance(ckpt["model"], dict) or not all(torch.is_tensor(v) for v in ckpt["model"].values()):
+        raise ValueError(f"checkpoint {p} is not a reslab checkpoint: its 'model' is not a state dict of tensors")
+    if not isinstance(ckpt["optimizer"], dict) or not isinstance(ckpt["metrics"], list):
+        raise ValueError(f"checkpoint {p} is not a reslab checkpoint: its 'optimizer' or 'metrics' has the "
+                         "wrong type")
+    if not (isinstance(ckpt["epoch"], int) and isinstance(ckpt["step"], int)):
+        raise ValueError(f"checkpoint {p} is not a reslab checkpoint: its 'epoch' or 'step' is not an integer")
+    if not (torch.is_tensor(ckpt["rng"]) and ckpt["rng"].dtype == torch.uint8):
+        raise ValueError(f"checkpoint {p} is not a reslab checkpoint: its 'rng' is not a uint8 RNG state")
+    return ckpt

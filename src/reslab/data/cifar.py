@@ -83,12 +83,79 @@ def augment(x: torch.Tensor, generator: torch.Generator | None = None, pad: int 
     return padded[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
 
 
-def _unpickle(path: Path) -> dict[bytes, Any]:
-    """Read one archive pickle (bytes keys)."""
+class _Refused(pickle.UnpicklingError):
+    """A global outside the CIFAR format's allow-list."""
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as pickle protocol 2 uses it from Python 3 to store bytes: latin-1 of a str only."""
+    if not (isinstance(text, str) and isinstance(encoding, str) and errors == "strict"
+            and encoding.lower().replace("-", "").replace("_", "") == "latin1"):
+        raise _Refused(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin-1")
+
+
+def _archive_globals() -> dict[tuple[str, str], Any]:
+    """The only globals a CIFAR archive pickle may name: what numpy arrays and (from Python 3) bytes pickle as.
+
+    The real archives were pickled by Python 2 with protocol 2: a dict of str (read as bytes), lists of ints and
+    one uint8 array, so they need only ``_reconstruct``, ``ndarray`` and ``dtype`` (under numpy 1's module name;
+    numpy 2 writes ``numpy._core``). Copies rewritten from Python 3 at protocol 2 store bytes as
+    ``_codecs.encode(str, "latin1")``, and protocol 5 stores arrays as ``numeric._frombuffer``.
+    """
+    import numpy
+
+    try:
+        from numpy._core import multiarray, numeric  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    # Python functions go out as fresh wrappers, so a BUILD opcode aimed at one cannot alter the real function
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): numpy.ndarray, ("numpy", "dtype"): numpy.dtype,
+                                           ("_codecs", "encode"): lambda *a: _latin1_encode(*a)}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct  # built-in: no attributes to set
+        allowed[(f"{core}.numeric", "_frombuffer")] = lambda *a: numeric._frombuffer(*a)
+    return allowed
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, tuples, numbers, strings, bytes and numpy arrays; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = _archive_globals().get((module, name))
+        if obj is None:
+            raise _Refused(f"{module}.{name}")
+        return obj
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _Refused("a persistent id")
+
+
+def _unpickle(path: Path, keys: tuple[bytes, ...] = ()) -> dict[bytes, Any]:
+    """Read one archive pickle (bytes keys) with an unpickler that builds only what the format holds.
+
+    Raises:
+        ValueError: one line naming the file, if it is missing, truncated or corrupt, refers to any global other
+            than numpy's array constructors (a class or a callable such as ``os.system``, which is never called),
+            or is not a dict with ``keys``.
+    """
     if not path.is_file():
         raise ValueError(f"CIFAR archive file {path} is missing")
-    with path.open("rb") as f:
-        return pickle.load(f, encoding="bytes")
+    try:
+        with path.open("rb") as f:
+            obj = _ArchiveUnpickler(f, encoding="bytes").load()
+    except _Refused as e:
+        raise ValueError(f"CIFAR archive file {path} refused: it holds a pickled {e} (only dicts, lists, strings, "
+                         "bytes and numpy arrays are read)") from None
+    except PermissionError as e:
+        raise ValueError(f"CIFAR archive file {path} cannot be read: {e.strerror or e}") from None
+    except Exception:  # noqa: BLE001 (UnpicklingError, EOFError, ValueError, ... from damaged bytes)
+        raise ValueError(f"CIFAR archive file {path} is not a readable python archive pickle (truncated or "
+                         "corrupt)") from None
+    if not isinstance(obj, dict) or any(k not in obj for k in keys):
+        want = ", ".join(repr(k) for k in keys)
+        raise ValueError(f"CIFAR archive file {path} is not a CIFAR batch: expected a dict with keys {want}")
+    return obj
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +201,14 @@ def load_cifar(name: str, arg: str | None) -> CifarDataset:
     root = resolve_dir(name, arg)
 
     def read(files: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [_unpickle(root / f) for f in files]
+        parts = [_unpickle(root / f, (b"data", label_key)) for f in files]
+        for f, p in zip(files, parts):
+            d = p[b"data"]
+            if not (isinstance(d, np.ndarray) and d.ndim == 2 and d.shape[1] == 3072 and d.dtype == np.uint8
+                    and isinstance(p[label_key], list) and len(p[label_key]) == len(d)
+                    and all(type(v) is int for v in p[label_key])):
+                raise ValueError(f"CIFAR archive file {root / f} is not a CIFAR batch: expected uint8 data of shape "
+                                 "(N, 3072) and a list of N labels")
         data = np.concatenate([np.asarray(p[b"data"], dtype=np.uint8) for p in parts]).reshape(-1, 3, 32, 32)
         labels = np.concatenate([np.asarray(p[label_key], dtype=np.int64) for p in parts])
         return torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(labels)
