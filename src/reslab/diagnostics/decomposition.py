@@ -27,6 +27,7 @@ from reslab.branch import layer_of
 from reslab.diagnostics.common import flat
 from reslab.diagnostics.recorder import record, trunk_of
 from reslab.residuals.base import RMSNorm
+from reslab.train import loss_fn
 
 
 @dataclass
@@ -44,9 +45,11 @@ class Decomposition:
     sources: list[Tensor]
 
     def shares(self) -> np.ndarray:
-        """``E ||c_j|| / ||x_final||`` per component (per sample, or per token for token streams)."""
+        """``E ||c_j|| / ||x_final||`` per component (per sample, or per token for token streams; rows whose final
+        stream is exactly zero, e.g. a plain net's dead ReLU output, have no shares and are left out)."""
         f = flat(self.final).double().norm(dim=1)
-        return np.asarray([float((flat(c).double().norm(dim=1) / f).mean()) for c in self.components])
+        live = f > 0
+        return np.asarray([float((flat(c).double().norm(dim=1)[live] / f[live]).mean()) for c in self.components])
 
     def weights(self) -> np.ndarray:
         """``E ||c_j|| / ||v_j||``: the weight each component gets in the final stream relative to its raw source
@@ -56,15 +59,21 @@ class Decomposition:
 
     def projections(self) -> np.ndarray:
         """``E <c_j, x_final> / ||x_final||^2``: the fraction of the final stream each component explains
-        (they add up to 1)."""
+        (they add up to 1; rows with a zero final stream are left out, as in :meth:`shares`)."""
         f = flat(self.final).double()
         f2 = (f * f).sum(1)
-        return np.asarray([float(((flat(c).double() * f).sum(1) / f2).mean()) for c in self.components])
+        live = f2 > 0
+        return np.asarray([float(((flat(c).double() * f).sum(1)[live] / f2[live]).mean()) for c in self.components])
 
     def labels(self, model: nn.Module) -> list[str]:
         """``embed``, then ``attn0, mlp0, attn1, ...`` for transformers or ``block0, block1, ...``."""
-        specs = trunk_of(model).scheme.specs
-        return ["embed"] + [f"{s.role or 'block'}{k}" for s, k in zip(specs, layer_of(specs))]
+        return ["embed"] + branch_labels(model)
+
+
+def branch_labels(model: nn.Module) -> list[str]:
+    """A name per branch: ``attn0, mlp0, attn1, ...`` for transformers (role and layer), else ``block0, ...``."""
+    specs = trunk_of(model).scheme.specs
+    return [f"{s.role or 'block'}{k}" for s, k in zip(specs, layer_of(specs))]
 
 
 @torch.no_grad()
@@ -135,21 +144,29 @@ class LensProfile:
     """Logit lens per depth: index 0 decodes the embedding, index ``i + 1`` the stream after branch ``i``.
 
     Attributes:
-        kl: mean KL(final distribution || depth distribution) per token, in nats.
-        loss: mean cross-entropy of the decoded distribution against the targets (NaN without targets).
+        kl: mean KL(final distribution || depth distribution) per target (sample or token), in nats.
+        loss: mean cross-entropy of the decoded distribution against the targets (NaN without targets, and NaN
+            at depths whose stream has another shape than the final one).
     """
 
     kl: np.ndarray
     loss: np.ndarray
 
     def plot(self, ax, label: str = "", **kw) -> None:
-        ax.plot(np.arange(len(self.kl)), self.loss if np.isfinite(self.loss).all() else self.kl, label=label, **kw)
-        ax.set(xlabel="depth (sublayer)", ylabel="loss of the decoded stream (nats)")
+        """The loss per depth (the KL to the final distribution when there were no targets)."""
+        has_loss = bool(np.isfinite(self.loss).any())
+        ax.plot(np.arange(len(self.kl)), self.loss if has_loss else self.kl, label=label, **kw)
+        ax.set(xlabel="depth (sublayer)", ylabel="loss of the decoded stream (nats)" if has_loss
+               else "KL(final || decoded stream) (nats)")
 
 
 @torch.no_grad()
 def logit_lens(model: nn.Module, x: Tensor, target: Tensor | None = None) -> LensProfile:
-    """Decode the stream at every depth with the model's own head (nostalgebraist 2020, "logit lens")."""
+    """Decode the stream at every depth with the model's own head (nostalgebraist 2020, "logit lens").
+
+    The loss is the training loss (:func:`reslab.train.loss_fn`, nats per target). Streams whose shape differs
+    from the final stream's (the earlier stages of a CNN that grows its channels) cannot be decoded: NaN there.
+    """
     trunk = trunk_of(model)
     training = model.training
     model.eval()
@@ -160,10 +177,14 @@ def logit_lens(model: nn.Module, x: Tensor, target: Tensor | None = None) -> Len
         final_logp = F.log_softmax(logits.float(), -1)
         kl, loss = [], []
         for s in streams:
-            logp = F.log_softmax(model.head(s).float(), -1)
+            if s.shape != streams[-1].shape:  # an earlier stage of a network that changes width: no decoding
+                kl.append(float("nan"))
+                loss.append(float("nan"))
+                continue
+            logits_s = model.head(s)
+            logp = F.log_softmax(logits_s.float(), -1)
             kl.append(float(F.kl_div(logp, final_logp, log_target=True, reduction="none").sum(-1).mean()))
-            loss.append(float(F.cross_entropy(logp.flatten(0, -2), target.flatten())) if target is not None
-                        else float("nan"))
+            loss.append(float(loss_fn(logits_s, target)) if target is not None else float("nan"))
     finally:
         model.train(training)
     return LensProfile(np.asarray(kl), np.asarray(loss))

@@ -29,13 +29,22 @@ class GateProfile:
         ax.set(xlabel="layer", ylabel="gate T")
 
 
-@torch.no_grad()
-def gate_profile(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, bins: int = 20) -> GateProfile:
-    """Gate statistics of a gated scheme on ``(x, y)`` (eval mode)."""
+def check_gates(model: nn.Module) -> None:
+    """Raise ``ValueError`` (one line) unless ``model``'s scheme has highway gates."""
     from reslab.residuals.highway import GatedScheme
 
     if not isinstance(trunk_of(model).scheme, GatedScheme):
         raise ValueError(f"scheme {trunk_of(model).scheme.name!r} has no highway gates to measure")
+
+
+@torch.no_grad()
+def gate_profile(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, bins: int = 20) -> GateProfile:
+    """Gate statistics of a gated scheme on ``(x, y)`` (eval mode).
+
+    ``per_class`` averages the gates by target class: one target per sample for classifiers, one per token for
+    language models (targets ``(N, T)``, each token's gate row goes to the class of its next token).
+    """
+    check_gates(model)
     training = model.training
     model.eval()
     with record(model, names=("mix",)) as rec:
@@ -43,10 +52,12 @@ def gate_profile(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, bins:
     model.train(training)
     edges = np.linspace(0, 1, bins + 1)
     means, hists, per_class = [], [], []
+    targets = y.reshape(-1)  # one target per row of flat(): per sample, or per token for (N, T) targets
     for t in rec.get("mix"):
         t = flat(t).double()
         means.append(float(t.mean()))
         hists.append(np.histogram(t.numpy().ravel(), bins=edges)[0] / t.numel())
         per_sample = t.mean(1)
-        per_class.append([float(per_sample[y == c].mean()) if (y == c).any() else np.nan for c in range(num_classes)])
+        per_class.append([float(per_sample[targets == c].mean()) if (targets == c).any() else np.nan
+                          for c in range(num_classes)])
     return GateProfile(np.asarray(means), np.asarray(hists), edges, np.asarray(per_class))

@@ -33,15 +33,15 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reslab.residuals.base import AdditiveScheme, ResidualScheme
 from reslab.residuals.plain import Plain
+from reslab.train import loss_fn
 from reslab.trunk import Trunk
 
 __all__ = ["PathProfile", "analyse_paths", "binomial_length_distribution", "binomial_path_counts",
-           "model_cotangent", "path_coefficients", "plot_paths", "veit_sampling"]
+           "check_paths", "model_cotangent", "path_coefficients", "plot_paths", "veit_sampling"]
 
 # Largest number of float64 elements in one batched vector-Jacobian product (memory bound for sampling).
 _MAX_BATCH_ELEMENTS = 1 << 23
@@ -355,11 +355,14 @@ def veit_sampling(trunk: Trunk, x0: Tensor, g: Tensor, samples: int = 1000,
 
 # --- models --------------------------------------------------------------------------------------------
 def model_cotangent(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """``x0 = stem(inputs)`` (detached) and ``g = dL/d(trunk output)`` for mean cross-entropy via the head.
+    """``x0 = stem(inputs)`` (detached) and ``g = dL/d(trunk output)`` for the training loss via the head.
 
-    REFERENCE.md section 3: the point and cotangent at which the trunk's paths are measured. The model
-    (a :class:`~reslab.models.base.ResidualNet`) runs in eval mode; each submodule's mode is restored after.
+    REFERENCE.md section 3: the point and cotangent at which the trunk's paths are measured. ``L`` is
+    :func:`reslab.train.loss_fn`, the loss the model was trained with (mean cross-entropy per target: per sample
+    for classifiers, per token for language models with ``(N, T)`` targets). The model (a
+    :class:`~reslab.models.base.ResidualNet`) runs in eval mode; each submodule's mode is restored after.
     """
+
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -368,12 +371,18 @@ def model_cotangent(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[
             out = model.trunk(x0).detach()
         with torch.enable_grad():
             out.requires_grad_(True)
-            loss = F.cross_entropy(model.head(out), targets)
+            loss = loss_fn(model.head(out), targets)
             (g,) = torch.autograd.grad(loss, out)
     finally:
         for m, mode in modes.items():
             m.training = mode
     return x0, g.detach()
+
+
+def check_paths(model: nn.Module) -> None:
+    """Raise ``ValueError`` (one line) unless ``model``'s trunk can be analysed by path length: a single-stream
+    additive scheme (or ``plain``) run in full and in depth order."""
+    _check_trunk(model.trunk)
 
 
 def analyse_paths(model: nn.Module, inputs: Tensor, targets: Tensor, samples: int = 1000,
@@ -382,7 +391,11 @@ def analyse_paths(model: nn.Module, inputs: Tensor, targets: Tensor, samples: in
 
     Uses :func:`model_cotangent`, then :func:`path_coefficients` (recurrence) and, unless ``samples == 0``,
     :func:`veit_sampling` with ``samples`` subsets per length.
+
+    Raises:
+        ValueError: the trunk has no path decomposition (:func:`check_paths`), before anything is computed.
     """
+    check_paths(model)
     x0, g = model_cotangent(model, inputs, targets)
     trunk = model.trunk
     n = len(trunk)

@@ -4,7 +4,8 @@
 ``norm_sq_per_dim[i] = E||x_i||^2 / d``. For each block, ``share[i] = E ||c_i|| / ||x_final||`` and
 ``projection[i] = E <c_i, x_final> / ||x_final||^2`` where ``c_i`` is the tapped contribution (what was
 actually added). For an additive scheme without post-activation the projections of the input and all
-contributions add up to 1. Blocks whose contribution has another shape than the final stream get NaN.
+contributions add up to 1. Blocks whose contribution has another shape than the final stream get NaN; samples
+(tokens) whose final stream is exactly zero are left out of the shares.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def stream_profile(model: nn.Module, x: Tensor) -> StreamProfile:
     norm = np.asarray([float(s.norm(dim=1).mean()) for s in streams])
     nsq = np.asarray([float((s * s).sum(1).mean() / s.shape[1]) for s in streams])
     fn2 = (final * final).sum(1)
+    live = fn2 > 0  # rows with a zero final stream (a plain net's dead ReLU output) have no shares
+    fn2 = fn2[live]
     share, proj = [], []
     for c in rec.get("contribution"):
         c = flat(c).double()
@@ -51,6 +54,6 @@ def stream_profile(model: nn.Module, x: Tensor) -> StreamProfile:
             share.append(np.nan)
             proj.append(np.nan)
             continue
-        share.append(float((c.norm(dim=1) / fn2.sqrt()).mean()))
-        proj.append(float(((c * final).sum(1) / fn2).mean()))
+        share.append(float((c[live].norm(dim=1) / fn2.sqrt()).mean()))
+        proj.append(float(((c * final).sum(1)[live] / fn2).mean()))
     return StreamProfile(norm, nsq, np.asarray(share), np.asarray(proj))
