@@ -54,7 +54,7 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "killed", quiet=True)
     monkeypatch.setattr(runs, "save_torch", real)
-    assert runs.read_json(tmp_path / "killed" / "result.json")["status"] == "running"
+    assert runs.read_json(tmp_path / "killed" / "result.json") == {"status": "running", "epoch": 1}  # not 0
     assert len(runs.read_jsonl(tmp_path / "killed" / "metrics.jsonl")) == 2
     resumed = train(cfg, tmp_path / "killed", resume=True, quiet=True)
     assert _strip(resumed.metrics) == _strip(full.metrics)
@@ -142,3 +142,44 @@ def test_config_json_roundtrip(tmp_path):
     stored = json.loads((tmp_path / "r" / "config.json").read_text())
     assert TrainConfig.from_dict(stored["train"]) == replace(TINY, epochs=1)
     assert stored["model"]["name"] == "mlp6"
+
+
+def test_finite_exploding_loss_is_a_divergence_with_its_reason(tmp_path, capsys):
+    from reslab.cli import main
+
+    d = tmp_path / "run"
+    argv = ["train", "--model", "mlp8", "--model-arg", "width=16", "--model-arg", "norm='none'", "--data",
+            "mnist1d:400", "--optimizer", "adam", "--lr", "10", "--epochs", "3", "--out", str(d), "--quiet"]
+    assert main(argv) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("diverged: 1 epochs") and "loss exploded in epoch 1" in line, line
+    result = runs.read_json(d / "result.json")
+    assert result["status"] == "diverged" and "exploded" in result["reason"]
+    assert all(torch.isfinite(torch.tensor(m["train_loss"])) for m in runs.read_jsonl(d / "metrics.jsonl"))
+    assert train(TrainConfig.from_dict(runs.read_json(d / "config.json")["train"]), d, resume=True).reason \
+        == result["reason"]  # a finished run reports the same reason
+
+
+def test_run_files_get_the_users_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        import importlib
+
+        importlib.reload(runs)  # the mode is read from the umask once, at import
+        train(replace(TINY, epochs=1), tmp_path / "run", quiet=True)
+    finally:
+        os.umask(old)
+        importlib.reload(runs)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir()}
+    assert modes and set(modes.values()) == {0o640}, modes  # not mkstemp's private 0600
+
+
+def test_final_line_reports_eval_mode_train_error(tmp_path, capsys):
+    from reslab.cli import main
+
+    d = tmp_path / "run"
+    assert main(["train", "--model", "mlp4", "--model-arg", "width=8", "--data", "mnist1d:200", "--epochs", "1",
+                 "--out", str(d), "--quiet"]) == 0
+    final = runs.read_jsonl(d / "metrics.jsonl")[-1]
+    out = capsys.readouterr().out
+    assert f"train error {100 * final['train_eval_error']:.2f}% (eval mode" in out

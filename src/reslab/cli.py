@@ -16,6 +16,10 @@ from typing import Any, NoReturn, Sequence
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # `--ep 2` is an error, not `--epochs 2`
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -32,51 +36,64 @@ def _kv(text: str) -> tuple[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import reslab
+
     p = _Parser(prog="reslab", description="A workbench for residual connections.")
+    p.add_argument("--version", action="version", version=f"reslab {reslab.__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     ls = sub.add_parser("list", help="registered schemes, shortcuts, models, datasets and claims")
     ls.add_argument("what", nargs="?", default="all",
                     choices=["all", "schemes", "shortcuts", "models", "datasets", "claims"])
 
-    tr = sub.add_parser("train", help="train one model into a run directory")
-    tr.add_argument("--model", help="model name, e.g. resnet56, preact_resnet110, mlp20")
-    tr.add_argument("--residual", default="identity", help="residual scheme (see `reslab list schemes`)")
-    tr.add_argument("--shortcut", choices=["A", "B", "C", "D"], type=str.upper, help="shortcut option (default A)")
-    tr.add_argument("--residual-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+    tr = sub.add_parser("train", help="train one model into a run directory",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_recipes_epilog())
+    tr.add_argument("--model", help="model name, e.g. resnet56, preact_resnet110, mlp20, gpt4")
+    tr.add_argument("--residual", help="residual scheme (default identity; see `reslab list schemes`)")
+    tr.add_argument("--shortcut", choices=["A", "B", "C", "D"], type=str.upper,
+                    help="shortcut option where a ResNet stage changes shape (default A)")
+    tr.add_argument("--residual-arg", dest="residual_kwargs", action="append", type=_kv, metavar="KEY=VALUE",
                     help="scheme option, e.g. gate_bias=-3 (repeatable)")
-    tr.add_argument("--model-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+    tr.add_argument("--model-arg", dest="model_kwargs", action="append", type=_kv, metavar="KEY=VALUE",
                     help="family option, e.g. width=64 or norm=ln (repeatable)")
-    tr.add_argument("--zero-init-last", action="store_true", help="zero-init the last norm of each branch")
-    tr.add_argument("--data", default="mnist1d", help="dataset: mnist1d[:N], digits, cifar10[:DIR], cifar100[:DIR], "
-                    "pydoc[:CTX], shakespeare[:CTX], text:PATH[@CTX]")
+    tr.add_argument("--zero-init-last", action="store_true", default=None,
+                    help="zero-init the last norm of each branch")
+    tr.add_argument("--data", help="dataset: mnist1d[:N], digits, cifar10[:DIR], cifar100[:DIR], pydoc[:CTX], "
+                    "shakespeare[:CTX], text:PATH[@CTX] (default: the family's, below)")
     tr.add_argument("--train-samples", type=int, help="train on the first N training samples only")
-    tr.add_argument("--no-eval-train", dest="eval_train", action="store_false",
+    tr.add_argument("--no-eval-train", dest="eval_train", action="store_false", default=None,
                     help="skip evaluating the training set after each epoch")
-    tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--batch-size", type=int, default=128)
-    tr.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
-    tr.add_argument("--lr", type=float, default=0.1)
-    tr.add_argument("--momentum", type=float, default=0.9)
-    tr.add_argument("--nesterov", action="store_true")
-    tr.add_argument("--weight-decay", type=float, default=0.0)
-    tr.add_argument("--schedule", default="constant", choices=["constant", "step", "cosine"])
-    tr.add_argument("--milestones", type=float, nargs="+", help="step schedule: epochs at which lr *= gamma")
-    tr.add_argument("--gamma", type=float, default=0.1)
-    tr.add_argument("--warmup-steps", type=int, default=0)
-    tr.add_argument("--warmup-lr", type=float, help="constant warm-up rate (then back to --lr)")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    tr.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--momentum", type=float, help="SGD only (default 0.9)")
+    tr.add_argument("--nesterov", action="store_true", default=None, help="SGD only")
+    tr.add_argument("--weight-decay", type=float)
+    tr.add_argument("--schedule", choices=["constant", "step", "cosine"])
+    tr.add_argument("--milestones", type=float, nargs="+",
+                    help="step schedule only: epochs at which lr *= gamma (default: at 50%% and 75%% of the epochs)")
+    tr.add_argument("--gamma", type=float, help="step schedule only: the factor at each milestone (default 0.1)")
+    tr.add_argument("--warmup-steps", type=int, help="iterations of warm-up (default 0)")
+    tr.add_argument("--warmup-lr", type=float, help="constant warm-up rate (then back to --lr); needs --warmup-steps")
+    tr.add_argument("--seed", type=int, help="default 0")
+    tr.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    tr.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast (CUDA only)")
     tr.add_argument("--out", required=True, type=Path, help="run directory")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its last checkpoint (options, if given, must match it)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    dg = sub.add_parser("diagnose", help="measure a trained run: responses, stream, grads, gates, lesion, paths...")
+    from reslab.diagnostics.diagnose import MEASUREMENTS, help_text
+
+    dg = sub.add_parser("diagnose", help=f"measure a trained run: {', '.join(MEASUREMENTS)}",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog=f"measurements (arrays and a figure each in RUN/diagnostics/):\n{help_text()}")
     dg.add_argument("run", type=Path, help="run directory (with checkpoint.pt)")
-    dg.add_argument("--what", default="responses,stream,grads,lesion,paths",
-                    help="comma-separated: responses, stream, grads, gates, lesion, paths, update")
+    dg.add_argument("--what", help="comma-separated measurements (listed below); default: every one that applies "
+                    "to the run (the others are skipped with a note)")
     dg.add_argument("--samples", type=int, default=1000, help="training samples to measure on")
+    dg.add_argument("--no-plots", dest="plots", action="store_false", help="arrays and numbers only, no figures")
 
     rp = sub.add_parser("reproduce", help="run the claims of the seed and write the report")
     rp.add_argument("--profile", default="quick", choices=["smoke", "quick", "full"])
@@ -119,32 +136,67 @@ def _cmd_list(args: argparse.Namespace) -> None:
             print(f"  {c.name:18s} {c.title}")
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
-    from reslab import runs
-    from reslab.train import TrainConfig, train
+#: ``reslab train`` options that act only under a condition on the resolved config
+_ONLY_WITH = {
+    "momentum": (lambda c: c.optimizer == "sgd", "applies to --optimizer sgd only"),
+    "nesterov": (lambda c: c.optimizer == "sgd", "applies to --optimizer sgd only"),
+    "milestones": (lambda c: c.schedule == "step", "applies to --schedule step only"),
+    "gamma": (lambda c: c.schedule == "step", "applies to --schedule step only"),
+    "warmup_lr": (lambda c: c.warmup_steps > 0, "needs --warmup-steps"),
+}
 
-    if args.resume and (args.out / "config.json").exists() and args.model is None:
-        cfg = TrainConfig.from_dict(runs.read_json(args.out / "config.json")["train"])
+
+def _recipes_epilog() -> str:
+    from reslab.models import list_families
+
+    lines = ["defaults per model family (any option above overrides them):"]
+    for f in list_families():
+        lines.append(f"  {f.name + ':':15s} " + ", ".join(f"{k}={v}" for k, v in f.recipe.items()))
+    return "\n".join(lines)
+
+
+def _train_config(args: argparse.Namespace):
+    """The run's config: the stored one (``--resume`` without ``--model``) or the family's recipe, with every
+    option given on the command line on top; an option that would have no effect is refused."""
+    from reslab.train import TrainConfig, read_run_config
+
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "out", "resume", "quiet")}
+    for key in ("residual_kwargs", "model_kwargs"):
+        if key in given:
+            given[key] = dict(given[key])
+    if "milestones" in given:
+        given["milestones_are_fractions"] = False
+    if args.resume:
+        if not (args.out / "config.json").exists():
+            raise ValueError(f"nothing to resume: {args.out} holds no run (no config.json)")
+        stored = read_run_config(args.out)[0]
+        base = {} if "model" in given else TrainConfig.to_dict(stored)
+    elif "model" not in given:
+        raise ValueError("--model is required (unless --resume continues an existing run)")
     else:
-        if args.model is None:
-            raise ValueError("--model is required (unless --resume continues an existing run)")
-        cfg = TrainConfig(
-            model=args.model, residual=args.residual, shortcut=args.shortcut, zero_init_last=args.zero_init_last,
-            residual_kwargs=dict(args.residual_arg), model_kwargs=dict(args.model_arg), data=args.data,
-            epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-            momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay, schedule=args.schedule,
-            milestones=list(args.milestones) if args.milestones else [0.5, 0.75],
-            milestones_are_fractions=not args.milestones, gamma=args.gamma, warmup_steps=args.warmup_steps,
-            warmup_lr=args.warmup_lr, seed=args.seed, device=args.device, amp=args.amp,
-            train_samples=args.train_samples, eval_train=args.eval_train)
-    result = train(cfg, args.out, resume=args.resume, quiet=args.quiet)
+        base = {}
+    cfg = TrainConfig.from_dict({**base, **given}) if base else TrainConfig.for_model(**given)
+    for key, (applies, why) in _ONLY_WITH.items():
+        if key in given and not applies(cfg):
+            raise ValueError(f"--{key.replace('_', '-')} {why}; it would have no effect here")
+    return cfg
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from reslab.train import train
+
+    result = train(_train_config(args), args.out, resume=args.resume, quiet=args.quiet)
     f = result.final
     line = f"{result.status}: {len(result.metrics)} epochs"
     if f:
-        line += (f", train error {100 * f['train_error']:.2f}%, test error {100 * f['test_error']:.2f}%, test loss "
-                 f"{f['test_loss']:.4f} nats = {f['test_loss'] / math.log(2):.4f} bits per target")
-    if result.diverged_step is not None:
-        line += f", non-finite loss at step {result.diverged_step}"
+        if "train_eval_error" in f:
+            line += f", train error {100 * f['train_eval_error']:.2f}% (eval mode, end of training)"
+        else:
+            line += f", train error {100 * f['train_error']:.2f}% (running mean during the last epoch)"
+        line += (f", test error {100 * f['test_error']:.2f}%, test loss {f['test_loss']:.4f} nats = "
+                 f"{f['test_loss'] / math.log(2):.4f} bits per target")
+    if result.reason is not None:
+        line += f"; {result.reason}"
     print(f"{line} -> {args.out}")
 
 
@@ -153,23 +205,27 @@ def _cmd_diagnose(args: argparse.Namespace) -> None:
 
     if args.samples <= 0:
         raise ValueError(f"--samples must be positive, got {args.samples}")
-    what = [w.strip() for w in args.what.split(",") if w.strip()]
-    for name, path in diagnose(args.run, what, args.samples).items():
-        print(f"{name}: {path} and {path.with_suffix('.png')}")
+    what = None if args.what is None else [w.strip() for w in args.what.split(",") if w.strip()]
+    if what == []:
+        raise ValueError("--what names no measurement")
+    diagnose(args.run, what, args.samples, echo=lambda line: print(line, flush=True), plots=args.plots)
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> None:
     import reslab
     from reslab.experiments import get_claim, list_claims, run_claim
-    from reslab.experiments.base import check_data
+    from reslab.experiments.base import check_data, check_reuse
     from reslab.report.render import render
 
     only = [n.strip() for a in args.only for n in a.split(",") if n.strip()]
+    if args.only and not only:
+        raise ValueError("--only needs a claim name (see `reslab list claims`)")
     claims = [get_claim(n) for n in only] if only else list_claims()
     if args.jobs is not None and args.jobs <= 0:
         raise ValueError(f"--jobs must be positive, got {args.jobs}")
     out: Path = args.out
     check_data(claims, args.profile)
+    check_reuse(claims, args.profile, out)
     for claim in claims:
         result = run_claim(claim, args.profile, out, jobs=args.jobs, quiet=args.quiet)
         print(f"{claim.name}: {result.verdict}")
@@ -186,6 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
          "reproduce": _cmd_reproduce}[args.command](args)
     except ValueError as e:
         print(f"reslab: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an unwritable or vanished path: the system's reason, on one line
+        where = f": {e.filename}" if e.filename else ""
+        print(f"reslab: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("reslab: interrupted; rerun with --resume (train) or the same command (reproduce) to continue",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,12 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from reslab import runs
+from reslab import footprint, runs
 from reslab.data import Dataset, load_dataset
-from reslab.models import ResidualNet, create_model
+from reslab.models import ResidualNet, create_model, parse_model_name
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
+#: an epoch whose mean training loss exceeds this many times chance (ln C nats, at least 1) ends the run as
+#: diverged: the loss exploded without turning non-finite
+EXPLODED_LOSS_FACTOR = 10
 
 
 @dataclass
@@ -96,24 +99,59 @@ class TrainConfig:
             raise ValueError(f"train_samples must be positive, got {self.train_samples}")
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ValueError("warmup_steps and weight_decay must be non-negative")
+        if not self.gamma > 0:
+            raise ValueError(f"gamma must be positive, got {self.gamma}")
+        if self.warmup_lr is not None and not self.warmup_lr > 0:
+            raise ValueError(f"warmup_lr must be positive, got {self.warmup_lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov applies to SGD with momentum only")
+        parse_device(self.device)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def for_model(cls, model: str, **options: Any) -> "TrainConfig":
+        """A config with the model family's default recipe (what ``reslab train`` uses), ``options`` on top.
+
+        Raises:
+            ValueError: unknown model, unknown options or invalid values.
+        """
+        return cls.from_dict({**parse_model_name(model)[0].recipe, "model": model, **options})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as it reads back from JSON (tuples become lists)."""
+        return _config_json(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "TrainConfig":
+        """The config of a JSON object, validated.
+
+        Raises:
+            ValueError: not an object, unknown keys, or invalid values.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a training config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown training option {unknown[0]!r}")
-        return cls(**d)
+        cfg = cls(**d)
+        try:
+            cfg.validate()
+        except TypeError:
+            raise ValueError(f"training config has a value of the wrong type: {d}") from None
+        return cfg
 
 
 @dataclass
 class RunResult:
-    """Outcome of :func:`train`."""
+    """Outcome of :func:`train`; ``reason`` says why a diverged run stopped."""
 
     out_dir: Path
     status: str
     metrics: list[dict[str, Any]]
     diverged_step: int | None = None
+    reason: str | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -126,13 +164,90 @@ def loss_fn(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), reduction=reduction)
 
 
-def resolve_device(name: str) -> torch.device:
+def parse_device(name: str) -> torch.device | None:
+    """The device ``name`` names (``None`` for ``auto``).
+
+    Raises:
+        ValueError: anything but ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    """
     if name == "auto":
+        return None
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device to train on; ``auto`` is CUDA when present.
+
+    Raises:
+        ValueError: an unknown device, or CUDA asked for where there is none.
+    """
+    dev = parse_device(name)
+    if dev is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return dev
+
+
+def read_run_config(run_dir: Path | str) -> tuple[TrainConfig, dict[str, Any]]:
+    """The training config and the model config stored in ``run_dir/config.json``.
+
+    Raises:
+        ValueError: no ``config.json``, or one that is not a reslab run config.
+    """
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a reslab run directory (no config.json)")
+    stored = runs.read_json(path)
+    if not (isinstance(stored, dict) and isinstance(stored.get("train"), dict)
+            and isinstance(stored.get("model"), dict)):
+        raise ValueError(f"{path} is not a reslab run config (it needs 'train' and 'model' objects)")
+    try:
+        return TrainConfig.from_dict({**_config_json(TrainConfig()), **stored["train"]}), stored["model"]
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def config_mismatch(run_dir: Path | str, cfg: TrainConfig) -> list[str]:
+    """The fields in which the run stored in ``run_dir`` differs from ``cfg`` (``[]``: same, or no run there).
+
+    Options added to :class:`TrainConfig` after a run was made read as their defaults.
+    """
+    if not (Path(run_dir) / "config.json").exists():
+        return []
+    old, new = _config_json(read_run_config(run_dir)[0]), _config_json(cfg)
+    return sorted(k for k in old if old[k] != new.get(k))
+
+
+def check_compatible(cfg: TrainConfig, data: Dataset, model: ResidualNet, device: torch.device) -> None:
+    """Refuse, before a run directory exists, a model that cannot read ``data`` or a device option without effect.
+
+    Raises:
+        ValueError: one line naming the mismatch.
+    """
+    if cfg.amp and device.type != "cuda":
+        raise ValueError(f"amp (bfloat16 autocast) works on CUDA only; this run is on {device.type}")
+    fam = parse_model_name(cfg.model)[0]
+    if fam.inputs != data.inputs:
+        what = {"tokens": "token ids (a text dataset: pydoc, shakespeare, text:PATH)",
+                "features": "real-valued inputs (mnist1d, digits, cifar10, cifar100)"}
+        raise ValueError(f"model {cfg.model!r} reads {what[fam.inputs]}, but dataset {cfg.data!r} gives "
+                         f"{what[data.inputs]}")
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(data.prepare(data.x_train[:2], train=False).to(device))
+    except RuntimeError as e:
+        raise ValueError(f"model {cfg.model!r} cannot read dataset {cfg.data!r}: "
+                         f"{str(e).strip().splitlines()[0]}") from None
+    finally:
+        model.train(was)
 
 
 def build_model(cfg: TrainConfig, data: Dataset) -> ResidualNet:
@@ -222,36 +337,50 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
     """
     out = Path(out_dir)
     cfg.validate()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a run directory")
     stored = out / "config.json"
     if stored.exists():
         if not resume:
             raise ValueError(f"run directory {out} already holds a run; pass resume to continue it")
-        old = {**_config_json(TrainConfig()), **runs.read_json(stored)["train"]}  # options added later: defaults
-        if old != _config_json(cfg):
-            diff = sorted(k for k in old if old.get(k) != _config_json(cfg).get(k))
+        diff = config_mismatch(out, cfg)
+        if diff:
             raise ValueError(f"cannot resume {out}: its stored config differs in {', '.join(diff)}")
         result = runs.read_json(out / "result.json") if (out / "result.json").exists() else {}
         if result.get("status") in ("completed", "diverged"):
             return RunResult(out, result["status"], runs.read_jsonl(out / "metrics.jsonl"),
-                             result.get("diverged_step"))
+                             result.get("diverged_step"), result.get("reason"))
     device = resolve_device(cfg.device)
     data = data if data is not None else load_dataset(cfg.data)
-    model = build_model(cfg, data).to(device)
+    fam, depth = parse_model_name(cfg.model)
+    batch = (min(cfg.batch_size, len(data.y_train)), *data.input_shape)
+    probes = tuple(d for d in range(1, 1000) if fam.check_depth(d))[:2]
+    estimate = footprint.at_depth(lambda d: build_model(replace(cfg, model=f"{fam.name}{d}"), data), depth, probes,
+                                  batch, torch.long if data.inputs == "tokens" else torch.float32, cfg.optimizer)
+    footprint.check_fits(estimate, device, batch[0], cfg.optimizer, f"model {cfg.model!r}")
+    try:
+        model = build_model(cfg, data).to(device)
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        raise ValueError(f"model {cfg.model!r} is too large for memory ({str(e).splitlines()[0]})") from None
+    check_compatible(cfg, data, model, device)
     opt = make_optimizer(cfg, model)
 
     metrics: list[dict[str, Any]] = []
     start_epoch, step = 0, 0
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        ckpt = runs.load_checkpoint(ckpt_path, map_location="cpu")  # RNG states must stay on the CPU
+        _load_state(model, ckpt["model"], ckpt_path)
+        _load_state(opt, ckpt["optimizer"], ckpt_path)
         start_epoch, step, metrics = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
         torch.set_rng_state(ckpt["rng"])
         if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create run directory {out}: {e.strerror or e}") from None
         runs.write_json(stored, {"train": _config_json(cfg), "model": model.config})
         runs.write_json(out / "env.json", runs.environment(device))
         torch.manual_seed(cfg.seed)
@@ -264,6 +393,8 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, disable=quiet, leave=False,
                desc=f"{cfg.model}/{cfg.residual} s{cfg.seed}", unit="step", dynamic_ncols=True)
     diverged_step: int | None = None
+    reason: str | None = None
+    exploded = EXPLODED_LOSS_FACTOR * max(1.0, math.log(data.num_classes))
     with _deterministic():
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
@@ -281,7 +412,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
                 loss = loss_fn(logits, yb)
                 step += 1
                 if not torch.isfinite(loss):
-                    diverged_step = step
+                    diverged_step, reason = step, f"non-finite loss at step {step}"
                     break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -306,11 +437,17 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step,
                 "metrics": metrics, "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+            if row["train_loss"] > exploded:  # finite but useless: stop as a divergence, saying why
+                diverged_step = step
+                reason = (f"loss exploded in epoch {epoch + 1} (mean training loss {row['train_loss']:.3g} nats, "
+                          f"over {EXPLODED_LOSS_FACTOR}x chance = {exploded:.3g})")
+                break
+            runs.write_json(out / "result.json", {"status": "running", "epoch": epoch + 1})
     bar.close()
     status = "diverged" if diverged_step is not None else "completed"
-    runs.write_json(out / "result.json", {"status": status, "diverged_step": diverged_step,
+    runs.write_json(out / "result.json", {"status": status, "diverged_step": diverged_step, "reason": reason,
                                           "epochs_done": len(metrics), "final": metrics[-1] if metrics else None})
-    return RunResult(out, status, metrics, diverged_step)
+    return RunResult(out, status, metrics, diverged_step, reason)
 
 
 def _config_json(cfg: TrainConfig) -> dict[str, Any]:
@@ -320,15 +457,25 @@ def _config_json(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(cfg), default=list))
 
 
+def _load_state(target: nn.Module | torch.optim.Optimizer, state: dict[str, Any], path: Path) -> None:
+    """``target.load_state_dict(state)``; a state of another architecture is one line naming the checkpoint."""
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {path} does not fit the {type(target).__name__.lower()} its config.json "
+                         f"describes ({str(e).strip().splitlines()[0]})") from None
+
+
 def load_model(run_dir: Path | str, map_location: str | torch.device = "cpu") -> tuple[ResidualNet, TrainConfig]:
     """Rebuild a run's model from its config and load the last checkpoint's weights."""
     run = Path(run_dir)
-    if not (run / "config.json").exists():
-        raise ValueError(f"{run} is not a reslab run directory (no config.json)")
-    cfg = TrainConfig.from_dict(runs.read_json(run / "config.json")["train"])
-    model = create_model(**runs.read_json(run / "config.json")["model"])
-    ckpt = torch.load(run / "checkpoint.pt", map_location=map_location, weights_only=False)
-    model.load_state_dict(ckpt["model"])
+    cfg, model_cfg = read_run_config(run)
+    try:
+        model = create_model(**model_cfg)
+    except TypeError as e:
+        raise ValueError(f"{run / 'config.json'}: its model config does not build a model ({e})") from None
+    ckpt = runs.load_checkpoint(run / "checkpoint.pt", map_location=map_location)
+    _load_state(model, ckpt["model"], run / "checkpoint.pt")
     return model, cfg
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -26,7 +26,11 @@ class Dataset:
         y_test: Test labels, int64.
         num_classes: Number of classes.
         input_shape: Shape of one sample after :meth:`prepare`, e.g. ``(40,)`` or ``(3, 32, 32)``.
+        inputs: What :meth:`prepare` gives: ``"features"`` (real-valued vectors or images) or ``"tokens"``
+            (int64 token ids); a model family declares the same word for what it reads.
     """
+
+    inputs: ClassVar[str] = "features"
 
     name: str
     x_train: torch.Tensor = field(repr=False)

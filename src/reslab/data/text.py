@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ class TextDataset(Dataset):
     """
 
     vocab: str = field(default="", repr=False)
+    inputs: ClassVar[str] = "tokens"
 
     def prepare(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         """Return the batch of token ids unchanged (int64 ``(B, CTX)``); text has no augmentation."""
@@ -160,7 +161,8 @@ def load_shakespeare(arg: str | None = None) -> TextDataset:
 def load_text(arg: str | None = None) -> TextDataset:
     """Load a UTF-8 text file from ``arg`` = ``PATH[@CTX]``.
 
-    The context is split off at the last ``@`` only when what follows holds no ``/``, so ``a@b/c.txt`` is a path.
+    ``PATH`` is taken whole when it names an existing file (``notes@home.txt``); otherwise the context is split
+    off at the last ``@`` when what follows is a number.
 
     Raises:
         ValueError: No path, bad ``CTX``, missing/unreadable/non-UTF-8 file, or text too short.
@@ -169,7 +171,7 @@ def load_text(arg: str | None = None) -> TextDataset:
         raise ValueError("dataset 'text' needs a file: 'text:PATH' or 'text:PATH@CTX'")
     path, at, tail = arg.rpartition("@")
     ctx_arg: str | None = tail
-    if not at or "/" in tail or "\\" in tail:
+    if not at or Path(arg).expanduser().is_file() or not tail.strip().lstrip("+-").isdigit():
         path, ctx_arg = arg, None
     ctx = parse_context("text", ctx_arg)
     p = Path(path).expanduser()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -151,6 +150,41 @@ def check_data(claims: Sequence[Claim], profile: str) -> None:
         load_dataset(spec)
 
 
+def check_reuse(claims: Sequence[Claim], profile: str, root: Path) -> None:
+    """Refuse, before training anything, an output folder made with another profile, or whose run folder of the
+    same id holds a different config: a finished run is reused only when its config is the one asked for.
+
+    Raises:
+        ValueError: one line naming the folder and what differs.
+    """
+    from reslab.train import config_mismatch
+
+    meta = root / "reproduce.json"
+    if meta.exists():
+        made = runs.read_json(meta).get("profile") if isinstance(runs.read_json(meta), dict) else None
+        if made != profile:
+            raise ValueError(f"{root} holds a reproduction made with profile {made!r}, not {profile!r}: "
+                             f"write this one to another --out")
+    for claim in claims:
+        for rid, cfg in claim.runs(profile).items():
+            diff = config_mismatch(root / "runs" / rid, cfg)
+            if diff:
+                raise ValueError(f"{root / 'runs' / rid} holds a run with another config (it differs in "
+                                 f"{', '.join(diff)}): write this reproduction to another --out")
+
+
+def _init_worker() -> None:
+    """A worker's progress bars lock with a thread lock: tqdm's default also makes a multiprocessing semaphore,
+    which a worker stopped by Ctrl-C would leave behind."""
+    import threading
+
+    tqdm.set_lock(threading.RLock())
+
+
+def _run_packed(args: tuple[TrainConfig, str, int]) -> str:
+    return _run_one(*args)
+
+
 def _run_one(cfg: TrainConfig, out: str, threads: int) -> str:
     import torch
 
@@ -176,6 +210,8 @@ def run_claim(claim: Claim, profile: str, root: Path, jobs: int | None = None, q
     jobs = default_jobs() if jobs is None else jobs
     if jobs <= 0:
         raise ValueError(f"jobs must be positive, got {jobs}")
+    check_reuse([claim], profile, root)
+    runs.write_json(root / "reproduce.json", {"profile": profile})
     runs_dir, out = root / "runs", root / "claims" / claim.name
     todo = {rid: cfg for rid, cfg in specs.items() if not _finished(runs_dir / rid)}
     bar = tqdm(total=len(specs), initial=len(specs) - len(todo), disable=quiet, desc=claim.name, unit="run")
@@ -184,10 +220,11 @@ def run_claim(claim: Claim, profile: str, root: Path, jobs: int | None = None, q
             _run_one(cfg, str(runs_dir / rid), threads=max(1, os.cpu_count() or 1))
             bar.update(1)
     elif todo:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_run_one, cfg, str(runs_dir / rid), 1) for rid, cfg in todo.items()]
-            for f in as_completed(futures):
-                f.result()
+        work = [(cfg, str(runs_dir / rid), 1) for rid, cfg in todo.items()]
+        # leaving the block terminates the pool: on Ctrl-C or a failed run no queued run starts and the running
+        # ones stop at once (their files are written atomically; each resumes from its last checkpoint)
+        with get_context("spawn").Pool(jobs, initializer=_init_worker) as pool:
+            for _ in pool.imap_unordered(_run_packed, work):
                 bar.update(1)
     bar.close()
     out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ adds the residual scheme and the shared trunk. Names follow timm's style: ``resn
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import Tensor, nn
@@ -43,6 +43,8 @@ class Family:
     default_input_shape: tuple[int, ...]
     paper: str
     description: str
+    inputs: str = "features"  # what the stem reads: "features" (real-valued) or "tokens" (int64 ids)
+    recipe: dict[str, Any] = field(default_factory=dict)  # default training options of `reslab train`
 
 
 class ResidualNet(nn.Module):
@@ -66,13 +68,21 @@ _FAMILIES: dict[str, Family] = {}
 
 
 def register_family(name: str, *, depths: tuple[int, ...], depth_rule: str, check_depth: Callable[[int], bool],
-                    default_input_shape: tuple[int, ...], paper: str, description: str
+                    default_input_shape: tuple[int, ...], paper: str, description: str, inputs: str = "features",
+                    recipe: dict[str, Any] | None = None
                     ) -> Callable[[Callable[..., FamilyParts]], Callable[..., FamilyParts]]:
-    """Decorator: register a family builder ``build(depth, num_classes, input_shape, **kw) -> FamilyParts``."""
+    """Decorator: register a family builder ``build(depth, num_classes, input_shape, **kw) -> FamilyParts``.
+
+    ``inputs`` is what the family's stem reads: ``"features"`` (real-valued vectors or images) or ``"tokens"``
+    (int64 token ids), matched against :attr:`reslab.data.Dataset.inputs` before training. ``recipe`` holds
+    the family's default training options (:class:`reslab.train.TrainConfig` fields) for ``reslab train``.
+    """
+    if inputs not in ("features", "tokens"):
+        raise ValueError(f"family inputs must be 'features' or 'tokens', got {inputs!r}")
 
     def deco(build: Callable[..., FamilyParts]) -> Callable[..., FamilyParts]:
         _FAMILIES[name] = Family(name, build, depths, depth_rule, check_depth, default_input_shape, paper,
-                                 description)
+                                 description, inputs, dict(recipe or {}))
         return build
 
     return deco
@@ -146,6 +156,9 @@ def create_model(name: str, residual: str = "identity", shortcut: str | None = N
     if shortcut is not None:
         kwargs["shortcut"] = shortcut
     scheme = create_residual(residual, parts.specs, **kwargs)
+    if shortcut is not None and not any(s.changes_shape for s in parts.specs):
+        raise ValueError(f"shortcut option {shortcut!r} has no effect on {fam.name}{d}: none of its branches "
+                         f"changes shape (shortcuts apply where a ResNet stage changes width or stride)")
     scheme.bind(parts.branches)
     if zero_init_last:
         for b in parts.branches:

@@ -23,6 +23,12 @@ from reslab.models.blocks import TwoLayerBranch, make_norm
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 
 
+#: ``reslab train``'s defaults: He et al.'s CIFAR recipe (SGD 0.1, momentum 0.9, weight decay 1e-4, rate / 10
+#: at 50% and 75% of training) on the images that ship offline (scikit-learn digits); CIFAR with --data cifar10
+RESNET_RECIPE = dict(data="digits", optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="step",
+                     milestones=[0.5, 0.75], epochs=30, batch_size=128)
+
+
 def _check_depth(d: int) -> bool:
     return d >= 8 and (d - 2) % 6 == 0
 
@@ -66,7 +72,8 @@ def _build(depth: int, num_classes: int, input_shape: tuple[int, ...], preact: b
 @register_family("resnet", depths=CIFAR_DEPTHS, depth_rule="6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110)",
                  check_depth=_check_depth, default_input_shape=(3, 32, 32),
                  paper="He et al. 2015, arXiv 1512.03385",
-                 description="CIFAR ResNet, post-activation basic blocks (options: width, norm)")
+                 description="CIFAR ResNet, post-activation basic blocks (options: width, norm)",
+                 recipe=RESNET_RECIPE)
 def resnet(depth: int, num_classes: int, input_shape: tuple[int, ...], width: int = 16,
            norm: str = "bn") -> FamilyParts:
     return _build(depth, num_classes, input_shape, preact=False, width=width, norm=norm)
@@ -76,7 +83,8 @@ def resnet(depth: int, num_classes: int, input_shape: tuple[int, ...], width: in
                  depth_rule="6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110)",
                  check_depth=_check_depth, default_input_shape=(3, 32, 32),
                  paper="He et al. 2016, arXiv 1603.05027",
-                 description="CIFAR ResNet, full pre-activation basic blocks (options: width, norm)")
+                 description="CIFAR ResNet, full pre-activation basic blocks (options: width, norm)",
+                 recipe=RESNET_RECIPE)
 def preact_resnet(depth: int, num_classes: int, input_shape: tuple[int, ...], width: int = 16,
                   norm: str = "bn") -> FamilyParts:
     return _build(depth, num_classes, input_shape, preact=True, width=width, norm=norm)

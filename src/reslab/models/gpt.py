@@ -33,6 +33,9 @@ from reslab.models.base import FamilyParts, register_family
 from reslab.residuals.base import NORM_TYPES
 
 GPT2_STD = 0.02
+#: ``reslab train``'s defaults: AdamW with weight decay 0.1, linear warm-up and cosine decay, on the pydoc text
+GPT_RECIPE = dict(data="pydoc", optimizer="adamw", lr=3e-3, weight_decay=0.1, schedule="cosine", warmup_steps=20,
+                  epochs=5, batch_size=64)
 
 
 class Rotary(nn.Module):
@@ -163,11 +166,12 @@ def _gpt2_init(modules: list[nn.Module], branches: list[nn.Module], layers: int,
 
 
 @register_family("gpt", depths=(4, 8, 12), depth_rule=">= 1 (layers of one attention and one MLP sublayer)",
-                 check_depth=lambda d: d >= 1, default_input_shape=(128,),
+                 check_depth=lambda d: d >= 1, default_input_shape=(128,), inputs="tokens",
                  paper="Radford et al. 2019 (GPT-2); Karpathy's nanoGPT layout",
                  description="GPT decoder, 2 branches per layer (options: d_model, n_heads, mlp_ratio, "
                              "positions=learned|rotary, tie_embeddings, dropout, bias, final_norm, "
-                             "scaled_out_init)")
+                             "scaled_out_init)",
+                 recipe=GPT_RECIPE)
 def gpt(depth: int, num_classes: int, input_shape: tuple[int, ...], d_model: int = 128, n_heads: int = 4,
         mlp_ratio: int = 4, positions: str = "learned", tie_embeddings: bool = False, dropout: float = 0.0,
         bias: bool = False, final_norm: str = "layernorm", scaled_out_init: bool = True) -> FamilyParts:

@@ -1,0 +1,119 @@
+"""How much memory a training run needs, estimated before anything is allocated.
+
+The model is built on PyTorch's ``meta`` device (shapes only, no storage) and one training batch is run
+forward on it with a saved-tensors hook that adds up what autograd would keep for backward. The estimate is
+
+    bytes = P * b * (2 + s) + A
+
+with ``P`` parameters of ``b`` bytes, their gradients, ``s`` optimiser states per parameter (SGD with momentum
+1, Adam 2) and ``A`` the activations saved for backward. It is a lower bound (allocator overhead, temporaries
+and evaluation batches come on top), so a run it refuses would certainly not fit.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "adamw": 2}
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device``: the CUDA allocator's free bytes, or the host's ``MemAvailable``."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def training_bytes(build: Callable[[], nn.Module], batch: tuple[int, ...], dtype: torch.dtype,
+                   optimizer: str) -> tuple[int, int, int] | None:
+    """``(parameters, parameter-side bytes, saved-activation bytes)`` of one training step, from a ``meta`` build.
+
+    Args:
+        build: makes the model (called under ``torch.device("meta")``).
+        batch: shape of one input batch.
+        dtype: the input's dtype (``torch.long`` for token ids).
+        optimizer: ``sgd``, ``adam`` or ``adamw``.
+
+    Returns:
+        ``None`` when the model cannot be built or run on ``meta`` (then nothing can be said in advance).
+    """
+    saved: dict[int, torch.Tensor] = {}  # storage owner -> tensor, so a tensor saved twice counts once
+    owned: set[int] = set()
+
+    def pack(t: torch.Tensor) -> Any:
+        base = t if t._base is None else t._base
+        if id(base) not in owned:  # parameters (and views of them) are counted below
+            saved[id(base)] = base
+        return t
+
+    try:
+        with torch.device("meta"):
+            model = build()
+            x = torch.zeros(batch, dtype=dtype)
+        owned.update(id(p) for p in model.parameters())
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = model(x)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    del y
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    per = sum(p.numel() * p.element_size() for p in params) * (2 + OPTIMIZER_STATES.get(optimizer, 2))
+    return n, per, sum(t.numel() * t.element_size() for t in saved.values())
+
+
+def at_depth(build_at: Callable[[int], nn.Module], depth: int, probes: tuple[int, int], batch: tuple[int, ...],
+             dtype: torch.dtype, optimizer: str) -> tuple[int, int, int] | None:
+    """:func:`training_bytes` of the model of ``depth``, extrapolated linearly from the two ``probes`` depths when
+    ``depth`` is deeper than :data:`EXACT_DEPTH` (a meta build of 100,000 layers alone takes minutes).
+
+    Every family's parameters and saved activations grow linearly in its depth (blocks per stage, layers), so
+    the extrapolation is exact for them, and a lower bound for a scheme whose cost grows faster.
+    """
+    if depth <= EXACT_DEPTH:
+        return training_bytes(lambda: build_at(depth), batch, dtype, optimizer)
+    (d1, d2) = probes
+    a, b = (training_bytes(lambda d=d: build_at(d), batch, dtype, optimizer) for d in (d1, d2))
+    if a is None or b is None:
+        return None
+    return tuple(int(x + (y - x) * (depth - d1) / (d2 - d1)) for x, y in zip(a, b))  # type: ignore[return-value]
+
+
+EXACT_DEPTH = 128
+
+
+def check_fits(estimate: tuple[int, int, int] | None, device: torch.device, batch: int, optimizer: str,
+               what: str) -> None:
+    """Refuse, before allocating, a run whose estimated training memory exceeds what ``device`` has free.
+
+    Args:
+        estimate: ``(parameters, parameter-side bytes, saved-activation bytes)``, or ``None`` (no check).
+
+    Raises:
+        ValueError: one line with the parameter count, the estimate and the free memory.
+    """
+    free = available_bytes(device)
+    if estimate is None or free is None:
+        return
+    n, per, acts = estimate
+    if per + acts > free:
+        gib = 2 ** 30
+        raise ValueError(f"{what} is too large for memory: {n:,} parameters and a batch of {batch} need at least "
+                         f"{(per + acts) / gib:.1f} GiB ({per / gib:.1f} GiB for weights, gradients and {optimizer} "
+                         f"state, {acts / gib:.1f} GiB of activations), and {device.type} has {free / gib:.1f} GiB "
+                         f"free; use a smaller model or batch")

@@ -1,0 +1,84 @@
+"""``reslab reproduce``'s run folder: a run is reused only when its config is the one asked for, profiles never
+mix in one output folder, and Ctrl-C stops the worker pool at once with every run resumable."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from reslab import runs
+from reslab.cli import main
+from reslab.experiments import get_claim
+
+
+def _store_run(root, rid, cfg, status="completed"):
+    d = root / "runs" / rid
+    runs.write_json(d / "config.json", {"train": cfg.to_dict(), "model": {}})
+    runs.write_jsonl(d / "metrics.jsonl", [{"epoch": 1, "train_error": 0.5, "train_eval_error": 0.5,
+                                            "test_error": 0.5}])
+    runs.write_json(d / "result.json", {"status": status})
+
+
+def test_a_finished_run_of_another_config_is_never_reused(tmp_path, capsys):
+    """The bug: a smoke run with the quick run's id was taken as the quick run (2 epochs on 1,000 samples)."""
+    out = tmp_path / "mix"
+    smoke, quick = get_claim("degradation").runs("smoke"), get_claim("degradation").runs("quick")
+    rid = next(r for r in smoke if r in quick)  # the same id in both profiles
+    smoke_cfg = smoke[rid]
+    _store_run(out, rid, smoke_cfg)
+    code = main(["reproduce", "--profile", "quick", "--only", "degradation", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "holds a run with another config" in err and rid in err, err
+    assert runs.read_json(out / "runs" / rid / "config.json")["train"] == smoke_cfg.to_dict()  # untouched
+
+
+def test_profiles_do_not_mix_in_one_output_folder(tmp_path, capsys):
+    out = tmp_path / "mix"
+    runs.write_json(out / "reproduce.json", {"profile": "smoke"})
+    code = main(["reproduce", "--profile", "quick", "--only", "growth", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "made with profile 'smoke', not 'quick'" in err and err.count("\n") == 1
+
+
+SCRIPT = """
+import sys
+
+from reslab.experiments.base import Claim, ClaimResult, register_claim
+from reslab.train import TrainConfig
+
+CFGS = {f"r{i}": TrainConfig(model="mlp4", model_kwargs={"width": 8}, data="mnist1d:2000", epochs=EPOCHS,
+                             optimizer="adam", lr=1e-3, seed=i) for i in range(6)}
+register_claim(Claim("slow", "t", "s", "p", runs=lambda profile: CFGS,
+                     analyse=lambda ctx: ClaimResult("inconclusive", "no analysis")))
+
+if __name__ == "__main__":
+    from reslab.cli import main
+
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_stops_the_pool_at_once_and_the_rerun_finishes(tmp_path):
+    script = tmp_path / "slow_claim.py"
+    script.write_text(textwrap.dedent(SCRIPT).replace("EPOCHS", "15"))
+    out = tmp_path / "rep"
+    argv = [sys.executable, str(script), "reproduce", "--profile", "smoke", "--only", "slow", "--out", str(out),
+            "--jobs", "2", "--quiet"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not list(out.glob("runs/*/checkpoint.pt")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)  # to the main process only: it must stop its workers itself
+    _, err = proc.communicate(timeout=60)
+    stopped_in = time.monotonic() - t0
+    assert proc.returncode == 130 and "interrupted" in err.splitlines()[-1], err
+    assert stopped_in < 10, f"took {stopped_in:.1f} s to stop"
+    done = [p for p in out.glob("runs/*/result.json") if runs.read_json(p)["status"] == "completed"]
+    assert len(done) < 6  # queued runs were cancelled, not finished
+    assert subprocess.run(argv, capture_output=True, timeout=600).returncode == 0  # resumes and finishes
+    assert all(runs.read_json(out / "runs" / f"r{i}" / "result.json")["status"] == "completed" for i in range(6))
