@@ -27,12 +27,13 @@ def test_reproduce_smoke_end_to_end_and_rerun_skips_finished_runs(tmp_path, caps
     assert "Verdict:" in md and claim["verdict"] in md and "28.54" in md
     html = (out / "report.html").read_text()
     assert "<img" in html and "data:image/png;base64," in html
+    assert md.count("smoke test of the pipeline, not evidence") >= 2 * len(list_claims())  # summary and section
     # The table is the mean over seeds of what the runs wrote.
     spec = get_claim("degradation").runs("smoke")
     ids = [r for r in spec if r.startswith("plain-d8-")]
     finals = [runs.read_jsonl(out / "runs" / r / "metrics.jsonl")[-1] for r in ids]
     row = next(r for r in claim["table"] if r["variant"] == "plain" and r["depth"] == 8)
-    assert row["train_error_mean"] == pytest.approx(sum(f["train_eval_error"] for f in finals) / len(finals))
+    assert row["train error, mean (%)"] == pytest.approx(100 * sum(f["train_eval_error"] for f in finals) / len(finals))
     # Rerunning trains nothing again.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.jsonl")}
     assert main(["reproduce", "--profile", "smoke", "--only", "degradation", "--out", str(out), "--jobs", "1",
@@ -64,7 +65,7 @@ def test_degradation_verdict_follows_the_numbers(tmp_path, plain_deep, res_deep,
     spec = _fake_runs(tmp_path, errors)
     result = get_claim("degradation").analyse(Context(spec, tmp_path / "runs", tmp_path, "smoke"))
     assert result.verdict == expected
-    assert math.isclose(result.checks[0]["difference"], plain_deep - 0.10, abs_tol=1e-9)
+    assert math.isclose(result.checks[0]["difference"], 100 * (plain_deep - 0.10), abs_tol=1e-7)  # points
 
 
 def test_missing_data_fails_before_any_training(tmp_path, monkeypatch, capsys):

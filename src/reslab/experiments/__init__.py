@@ -1,4 +1,4 @@
-"""One module per claim of the seed; each registers itself on import, in report order."""
+"""One module per claim the report measures; each registers itself on import, in report order."""
 
 from reslab.experiments.base import (PROFILES, Claim, ClaimResult, Context, get_claim, list_claims, register_claim,
                                      run_claim)

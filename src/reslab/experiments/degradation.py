@@ -4,12 +4,14 @@ He et al. 2015 (arXiv 1512.03385), Fig. 6 and Table 2. Measured here on MNIST-1D
 post-activation two-layer branches, BatchNorm) at several depths: the plain twin (``residual="plain"``)
 against the identity residual, both without zero-initialised branches, plus the residual net with the last
 BN of each branch zero-initialised (Goyal et al. 2017), which the plain twin cannot use. Training error is
-the error on the whole training set in eval mode after the last epoch, averaged over seeds.
+the error on the whole training set in eval mode after the last epoch, averaged over seeds; errors are reported in %
+and their differences in percentage points.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import numpy as np
 
 from reslab import runs
 from reslab.experiments.base import Claim, ClaimResult, Context, differs, register_claim
-from reslab.report.plots import new_figure
+from reslab.report.plots import integer_axis, legend_below, new_figure
 from reslab.train import TrainConfig
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -26,6 +28,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "residual-zero-init": dict(residual="identity", zero_init_last=True),
 }
 LABELS = {"plain": "plain", "residual": "residual", "residual-zero-init": "residual, zero-init last BN"}
+COLORS = {"plain": "tab:red", "residual": "tab:blue", "residual-zero-init": "tab:green"}  # in every MLP claim's figure
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(depths=(4, 8), seeds=3, epochs=2, data="mnist1d:1000", width=32),
@@ -49,11 +52,14 @@ def plan(profile: str) -> dict[str, TrainConfig]:
 
 
 def _final(run: Path) -> dict[str, Any]:
+    """A run's final training error (eval mode), test error and training curve, in %."""
     result = runs.read_json(run / "result.json")
     metrics = runs.read_jsonl(run / "metrics.jsonl")
+    curve = [100 * m["train_error"] for m in metrics]
     if result["status"] == "diverged" or not metrics:
-        return {"train_eval_error": math.nan, "test_error": math.nan, "curve": [m["train_error"] for m in metrics]}
-    return {**metrics[-1], "curve": [m["train_error"] for m in metrics]}
+        return {"train_eval_error": math.nan, "test_error": math.nan, "curve": curve}
+    return {"train_eval_error": 100 * metrics[-1]["train_eval_error"], "test_error": 100 * metrics[-1]["test_error"],
+            "curve": curve}
 
 
 def parse_id(rid: str) -> tuple[str, int, int]:
@@ -77,10 +83,10 @@ def analyse(ctx: Context) -> ClaimResult:
             errs[(variant, d)] = e
             curves[(variant, d)] = [finals[r]["curve"] for r in ids]
             table.append({"variant": LABELS[variant], "depth": d, "seeds": len(e),
-                          "train_error_mean": float(np.mean(e)), "train_error_std": float(np.std(e, ddof=1)),
-                          "test_error_mean": float(np.mean(t)), "diverged": int(np.isnan(e).sum())})
+                          "train error, mean (%)": float(np.mean(e)), "train error, sd (%)": float(np.std(e, ddof=1)),
+                          "test error, mean (%)": float(np.mean(t)), "diverged runs": int(np.isnan(e).sum())})
     lo, hi = depths[0], depths[-1]
-    check = differs
+    check = partial(differs, floor=1.0)  # one point
     checks = [
         check(f"plain-{hi} trains to higher error than plain-{lo}", errs[("plain", lo)], errs[("plain", hi)],
               "higher"),
@@ -97,14 +103,15 @@ def analyse(ctx: Context) -> ClaimResult:
     m = {k: float(np.mean(v)) for k, v in errs.items()}
 
     def trend(variant: str) -> str:
-        seq = " -> ".join(f"{100 * m[(variant, d)]:.1f}%" for d in depths)
+        seq = " -> ".join(f"{m[(variant, d)]:.1f}%" for d in depths)
         diff = m[(variant, hi)] - m[(variant, lo)]
-        word = "rises" if diff > 0.01 else "falls" if diff < -0.01 else "stays flat"
+        word = "rises" if diff > 1 else "falls" if diff < -1 else "stays flat"
         return f"{LABELS[variant]}: {seq} ({word} with depth)"
 
     summary = (f"Final training error (eval mode, whole training set, mean of {len(errs[('plain', lo)])} seeds) at "
                f"depths {', '.join(map(str, depths))}: " + "; ".join(trend(v) for v in VARIANTS)
-               + ". A difference counts when it exceeds max(2 standard errors, 1 point); the verdict needs the "
+               + ". The checks compare mean errors in percentage points; a difference counts when it exceeds "
+               "max(2 standard errors, 1 point); the verdict needs the "
                "first three checks, the fourth shows what zero-initialising each branch's last BN changes.")
     figures = [_plot(depths, errs, curves, ctx)]
     return ClaimResult(verdict, summary, checks, table, figures)
@@ -112,22 +119,24 @@ def analyse(ctx: Context) -> ClaimResult:
 
 def _plot(depths: list[int], errs: dict, curves: dict, ctx: Context) -> str:
     fig, (ax1, ax2) = new_figure(2)
-    colors = {"plain": "tab:red", "residual": "tab:blue", "residual-zero-init": "tab:green"}
     for variant in VARIANTS:
-        means = [100 * np.mean(errs[(variant, d)]) for d in depths]
-        stds = [100 * np.std(errs[(variant, d)], ddof=1) for d in depths]
-        ax1.errorbar(depths, means, yerr=stds, marker="o", capsize=3, color=colors[variant], label=LABELS[variant])
-    ax1.set(xlabel="depth (weight layers)", ylabel="final training error (%)", title="Training error vs depth")
+        means = [np.mean(errs[(variant, d)]) for d in depths]
+        stds = [np.std(errs[(variant, d)], ddof=1) for d in depths]
+        ax1.errorbar(depths, means, yerr=stds, marker="o", linestyle="-", capsize=3, color=COLORS[variant],
+                     label=LABELS[variant])
+    ax1.set(xlabel="depth (weight layers)", ylabel="final training error (%)",
+            title="Training error vs depth (mean ± sd over seeds)")
     ax1.set_xticks(depths)
-    ax1.legend()
+    legend_below(ax1)
     styles = ["-", "--", ":", "-.", (0, (1, 1))]
     for variant in ("plain", "residual"):
         for j, d in enumerate(depths):
-            c = np.nanmean(np.asarray(curves[(variant, d)], dtype=float), axis=0) * 100
-            ax2.plot(np.arange(1, len(c) + 1), c, linestyle=styles[j % len(styles)], color=colors[variant],
-                     label=f"{variant}-{d}")
-    ax2.set(xlabel="epoch", ylabel="training error during epoch (%)", title="Training curves (mean over seeds)")
-    ax2.legend(fontsize=7, ncol=2)
+            c = np.nanmean(np.asarray(curves[(variant, d)], dtype=float), axis=0)
+            ax2.plot(np.arange(1, len(c) + 1), c, linestyle=styles[j % len(styles)], color=COLORS[variant],
+                     marker="", label=f"{variant}, depth {d}")
+    ax2.set(xlabel="epoch", ylabel="training error during the epoch (%)", title="Training curves (mean over seeds)")
+    integer_axis(ax2)
+    legend_below(ax2)
     return ctx.save_figure(fig, "degradation.png")
 
 

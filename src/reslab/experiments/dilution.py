@@ -1,13 +1,13 @@
 """Signal dilution and uniform aggregation: each layer's share of the final stream, and who learns to weight them.
 
-The seed: "with L layers, any single layer's contribution is only 1/L of the total signal" and "the final
+The claim: "with L layers, any single layer's contribution is only 1/L of the total signal" and "the final
 representation is a uniform sum of all residual functions plus the input, with no learned prioritization". Both
 are measured through the scheme's exact decomposition of the final stream into what each component added
 (:mod:`reslab.diagnostics.decomposition`):
 
 - dilution: a component's share ``E ||c_j|| / ||x_final||`` (per token) in Pre-LN GPTs of several depths at
   initialisation (all weights ``N(0, 0.02)``) and after training; the mean share over the ``K = 2L + 1``
-  components is fitted as ``K^p``. ``p = -1`` is the seed's 1/L; sums of near-orthogonal terms give ``-1/2``.
+  components is fitted as ``K^p``. ``p = -1`` is the claimed 1/L; sums of near-orthogonal terms give ``-1/2``.
 - aggregation: the weight each component gets in the final stream, ``a_j = E ||c_j|| / ||v_j||`` (``v_j`` its raw
   output, ``x0`` for the embedding). The standard residual has ``a_j = 1`` for every ``j`` by construction; Full
   and Block Attention Residuals and DenseFormer start uniform and learn their weights. Non-uniformity is the
@@ -27,7 +27,7 @@ from reslab.diagnostics.recorder import record
 from reslab.experiments import transformers
 from reslab.experiments.base import (Claim, ClaimResult, Context, check, differs, eval_batch, load_trained,
                                      register_claim, verdict_of)
-from reslab.report.plots import new_figure
+from reslab.report.plots import count, integer_axis, legend_below, log_axis, new_figure
 from reslab.residuals.hyper import composite_gain
 
 INIT_DEPTHS = {"smoke": (1, 2), "quick": (2, 4, 8, 16), "full": (2, 4, 8, 16, 32)}
@@ -64,7 +64,7 @@ def analyse(ctx: Context) -> ClaimResult:
     p_init = _fit(k, np.array([share_init[L].mean() for L in init_depths]))
     checks.append(check("at init, Pre-LN: a component's mean share of the final stream falls with depth (fitted "
                         "exponent p of mean share ~ K^p below -0.25)", p_init, p_init < -0.25))
-    checks.append(check("at init, Pre-LN: dilution as fast as the seed's 1/L (p within 0.2 of -1)", p_init,
+    checks.append(check("at init, Pre-LN: dilution as fast as the claimed 1/L (p within 0.2 of -1)", p_init,
                         abs(p_init + 1) < 0.2))
     # --- after training ------------------------------------------------------------------------------------
     trained: dict[tuple[str, int], list[np.ndarray]] = {}
@@ -107,7 +107,7 @@ def analyse(ctx: Context) -> ClaimResult:
     verdict = verdict_of([c["passed"] for c in checks])
     summary = (f"At initialisation (Pre-LN, N(0, 0.02) weights, d={width}), a component's mean share of the final "
                f"stream goes as K^{p_init:.2f} over {', '.join(map(str, init_depths))} layers (K = 2L+1 components; "
-               "the seed's 1/L is K^-1, sums of near-orthogonal terms give K^-0.5). After training at "
+               "the claimed 1/L is K^-1, sums of near-orthogonal terms give K^-0.5). After training at "
                f"{deep} layers, coefficient of variation of the aggregation weights: "
                + ", ".join(f"{transformers.LABELS[s]} {np.mean(cv[(s, deep)]):.3f}"
                            for s in ("preln", "hc", "mhc", *LEARNED) if (s, deep) in cv)
@@ -142,44 +142,57 @@ def _weight_checks(alphas: list, gains: dict, deep: int) -> list[dict]:
 
 
 def _plot_dilution(share: dict, depths: tuple, p: float, ctx: Context) -> str:
-    fig, (a1, a2) = new_figure(2, width=5)
+    fig, (a1, a2) = new_figure(2, width=5, height=4.2)
     for L in depths:
-        a1.semilogy(np.arange(len(share[L])), share[L], ".-", label=f"{L} layers")
-    a1.set(xlabel="component (0 = embedding)", ylabel="E||c_j|| / ||x_final||",
+        a1.plot(np.arange(len(share[L])), share[L], label=count(L, "layer"))
+    a1.set(xlabel="component j (0 = embedding, then one per sublayer)", ylabel="share E||c_j|| / ||x_final||",
            title="Pre-LN at init: each component's share")
-    a1.legend(fontsize=7)
+    integer_axis(a1)
+    log_axis(a1)
+    legend_below(a1)
     k = np.array([2 * L + 1 for L in depths], float)
-    a2.loglog(k, [share[L].mean() for L in depths], "o-", label=f"measured (p = {p:.2f})")
-    a2.loglog(k, 1 / k, "k:", label="1/K")
-    a2.loglog(k, 1 / np.sqrt(k), "k-.", label="1/sqrt(K)")
-    a2.set(xlabel="components K", ylabel="mean share", title="Dilution with depth")
-    a2.legend(fontsize=7)
+    a2.plot(k, [share[L].mean() for L in depths], label=f"measured (p = {p:.2f})")
+    a2.plot(k, 1 / k, "k:", label="1/K (the claimed 1/L)")
+    a2.plot(k, 1 / np.sqrt(k), "k-.", label="1/sqrt(K) (near-orthogonal sum)")
+    a2.set(xlabel="components K = 2L + 1", ylabel="mean share over components", title="Dilution with depth")
+    log_axis(a2, "x", ticks=k)
+    log_axis(a2)
+    legend_below(a2)
     return ctx.save_figure(fig, "dilution.png")
 
 
 def _plot_weights(alphas: dict, dwa: dict, gains: dict, deep: int, ctx: Context) -> str:
-    panels = [("attnres", "Full AttnRes alpha (site x source)"), ("block_attnres", "Block AttnRes alpha"),
-              ("denseformer", "DenseFormer DWA weights"), ("gain", "HC / mHC composite gain")]
-    fig, axes = new_figure(len(panels), width=4.2)
+    panels = [("attnres", "Full AttnRes: weight alpha per site and source"),
+              ("block_attnres", "Block AttnRes: weight alpha per site and block"),
+              ("denseformer", "DenseFormer: learned DWA weights"), ("gain", "HC / mHC: composite stream gain")]
+    fig, axes = new_figure(len(panels), width=4.4, height=4.2)
     for ax, (key, title) in zip(axes, panels):
         if key in alphas:
             rows = [a for a in alphas[key] if a is not None]
             mat = np.full((len(rows), max(len(a) for a in rows)), np.nan)
             for i, a in enumerate(rows):
                 mat[i, :len(a)] = a
-            im = ax.imshow(mat, aspect="auto", cmap="viridis")
-            ax.set(xlabel="source (0 = embedding)", ylabel="site (last = final read)")
-            fig.colorbar(im, ax=ax)
+            im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0)
+            ax.set(xlabel="source block (0 = embedding)" if key == "block_attnres" else "source (0 = embedding)",
+                   ylabel="site: sublayer reading (last = final read)")
+            ax.figure.colorbar(im, ax=ax, label="alpha (softmax weight, mean over tokens)")
         elif key in dwa:
-            im = ax.imshow(np.ma.masked_where(np.triu(np.ones_like(dwa[key]), 1) > 0, dwa[key]), cmap="coolwarm")
-            ax.set(xlabel="X_j (0 = embedding)", ylabel="Y_i (after layer i)")
-            fig.colorbar(im, ax=ax)
+            m = dwa[key]
+            lim = float(np.abs(m).max())
+            im = ax.imshow(np.ma.masked_where(np.triu(np.ones_like(m), 1) > 0, m), aspect="auto", cmap="coolwarm",
+                           vmin=-lim, vmax=lim)
+            ax.set(xlabel="source X_j: output of layer j (0 = embedding)", ylabel="Y_i, the average taken after layer i")
+            ax.figure.colorbar(im, ax=ax, label="weight alpha_ij")
         elif key == "gain":
             for s, g in gains.items():
-                ax.semilogy(np.arange(1, len(g) + 1), g, ".-", label=transformers.LABELS[s])
-            ax.set(xlabel="sublayer", ylabel="Amax gain of prod H_res")
-            ax.legend(fontsize=7)
-        ax.set_title(f"{title}, {deep} layers", fontsize=9)
+                ax.plot(np.arange(1, len(g) + 1), g, label=transformers.LABELS[s])
+            ax.set(xlabel="sublayer l", ylabel="largest |row sum| of H_res,l ... H_res,1 (1 = kept)")
+            log_axis(ax)
+            legend_below(ax)
+        integer_axis(ax, "x")
+        if key != "gain":
+            integer_axis(ax, "y")
+        ax.set_title(f"{title}, {count(deep, 'layer')}", fontsize=9)
     return ctx.save_figure(fig, "depth_weights.png")
 
 

@@ -17,11 +17,13 @@ from reslab.diagnostics.gradients import gradient_profile
 from reslab.experiments import degradation
 from reslab.experiments.base import (Claim, ClaimResult, Context, differs, eval_batch, load_trained,
                                      register_claim, verdict_of)
-from reslab.report.plots import new_figure
+from reslab.report.plots import integer_axis, legend_below, log_axis, new_figure
 
 INIT_NETS = {"plain": ("plain", {}), "residual": ("identity", {}),
              "highway, carry open (b=-3)": ("highway", {"gate_bias": -3.0}),
              "highway, skip closed (b=+3)": ("highway", {"gate_bias": 3.0})}
+COLORS = {"plain": degradation.COLORS["plain"], "residual": degradation.COLORS["residual"],
+          "highway, carry open (b=-3)": "tab:purple", "highway, skip closed (b=+3)": "tab:orange"}
 
 
 def analyse(ctx: Context) -> ClaimResult:
@@ -72,12 +74,15 @@ def analyse(ctx: Context) -> ClaimResult:
 
 
 def _plot(profiles: dict, depth: int, ctx: Context) -> str:
-    fig, ax = new_figure(1, width=6)
+    fig, ax = new_figure(1, width=6, height=4.4)
     for name in INIT_NETS:
         g = profiles[(name, depth)]
-        ax.semilogy(np.arange(len(g)), g, marker=".", label=name)
-    ax.set(xlabel="block", ylabel="||dL/dx_i|| at init", title=f"Gradient per depth at initialisation, depth {depth}")
-    ax.legend(fontsize=8)
+        ax.plot(np.arange(len(g)), g, color=COLORS[name], label=name)
+    ax.set(xlabel="block i (0 = nearest the input)", ylabel="||dL/dx_i||, gradient norm at block i's input",
+           title=f"Gradient per depth at initialisation, depth {depth} (last seed)")
+    log_axis(ax)
+    integer_axis(ax)
+    legend_below(ax)
     return ctx.save_figure(fig, "gradient_highway.png")
 
 

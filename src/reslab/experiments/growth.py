@@ -24,7 +24,7 @@ import reslab
 from reslab.branch import BranchSpec
 from reslab.diagnostics.recorder import record
 from reslab.experiments.base import Claim, ClaimResult, Context, check, eval_batch, register_claim, verdict_of
-from reslab.report.plots import new_figure
+from reslab.report.plots import integer_axis, legend_below, log_axis, new_figure, series_styles
 from reslab.residuals import create_residual
 from reslab.trunk import Trunk
 
@@ -171,22 +171,28 @@ def analyse(ctx: Context) -> ClaimResult:
 
 
 def _plot(pre: np.ndarray, post: np.ndarray, prof: dict, gs: dict, ctx: Context) -> str:
-    fig, (a1, a2, a3) = new_figure(3, width=4.6)
+    fig, (a1, a2, a3) = new_figure(3, width=4.6, height=5.2)
     ls = np.arange(pre.shape[1])
-    a1.plot(ls, pre.mean(0), "o-", ms=2, label="Pre-LN, measured")
-    a1.fill_between(ls, 1 + ls / 2, 1 + 3 * ls / 2, alpha=0.15, label="Xiong bound")
-    a1.plot(np.arange(post.shape[1]), post.mean(0), "s-", ms=2, label="Post-LN, before each LN")
-    a1.set(xlabel="layer l", ylabel="E||x_l||^2 / d", title="Xiong et al.'s setting (FFN stack)")
-    a1.legend(fontsize=7)
+    a1.fill_between(ls, 1 + ls / 2, 1 + 3 * ls / 2, color="0.85", label="Xiong et al.'s bounds for Pre-LN")
+    a1.plot(ls, pre.mean(0), label="Pre-LN stream x_l, measured")
+    a1.plot(np.arange(post.shape[1]), post.mean(0), label="Post-LN, x_l + F(x_l) before each LN")
+    a1.set(xlabel="layer l", ylabel="E||x_l||^2 / d (mean over seeds)", title="Xiong et al.'s setting (FFN stack)")
+    integer_axis(a1)
+    legend_below(a1)
     hi = gs["depths"][-1]
+    styles = series_styles(SCHEMES)
     for lab in SCHEMES:
         p = prof[(lab, hi)]
-        a2.semilogy(np.arange(len(p)), p, ".-", ms=2, label=lab)
-    a2.set(xlabel="sublayer", ylabel="E||x||^2 / d", title=f"GPT at init, {hi} layers, d={gs['d']}")
-    a2.legend(fontsize=6, ncol=2)
-    for lab in SCHEMES:
-        a3.loglog(gs["depths"], [prof[(lab, d)][-1] for d in gs["depths"]], "o-", ms=3, label=lab)
-    a3.set(xlabel="layers", ylabel="E||x_final||^2 / d", title="Output stream energy vs depth")
+        a2.plot(np.arange(len(p)), p, label=lab, **styles[lab])
+        a3.plot(gs["depths"], [prof[(lab, d)][-1] for d in gs["depths"]], **styles[lab])
+    a2.set(xlabel="sublayer input (last = trunk output)", ylabel="E||x||^2 / d",
+           title=f"GPT at init, {hi} layers, d={gs['d']}")
+    integer_axis(a2)
+    log_axis(a2)
+    a3.set(xlabel="layers", ylabel="E||x_final||^2 / d at the trunk output", title="Output stream energy vs depth")
+    log_axis(a3, "x", ticks=gs["depths"])
+    log_axis(a3)
+    legend_below(fig, ncol=6, axes=[a2])
     return ctx.save_figure(fig, "growth.png")
 
 

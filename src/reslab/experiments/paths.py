@@ -17,7 +17,7 @@ from reslab.diagnostics.paths import analyse_paths, binomial_length_distribution
 from reslab.experiments import degradation
 from reslab.experiments.base import (Claim, ClaimResult, Context, check, eval_batch, load_trained,
                                      register_claim, verdict_of)
-from reslab.report.plots import new_figure
+from reslab.report.plots import integer_axis, legend_below, log_axis, new_figure
 
 BLOCKS = {"smoke": (2, 4), "quick": (8, 16, 32, 64), "full": (8, 16, 32, 64, 128)}
 SAMPLES = {"smoke": 5, "quick": 10, "full": 200}
@@ -69,7 +69,7 @@ def analyse(ctx: Context) -> ClaimResult:
                + "; ".join(f"{degradation.LABELS[v]} " + ", ".join(
                    f"{r['effective_depth_exact']:.1f}" for r in table if r["variant"] == degradation.LABELS[v])
                    for v in VARIANTS)
-               + ". Fitted growth exponent p (effective depth ~ n^p; the seed says 0.5): "
+               + ". Fitted growth exponent p (effective depth ~ n^p; the claimed O(sqrt(L)) is p = 0.5): "
                + "; ".join(f"{degradation.LABELS[v]} exact {fits[v][0]:.2f} +- {fits[v][1]:.2f}, Veit's estimate "
                            f"{fits[v][3][0]:.2f}" for v in VARIANTS)
                + ". Veit's estimate ignores cancellation between paths and so puts more weight on long paths.")
@@ -77,33 +77,41 @@ def analyse(ctx: Context) -> ClaimResult:
 
 
 def _plot(prof: dict, blocks: list[int], fits: dict, ctx: Context) -> str:
-    fig, (a1, a2, a3) = new_figure(3, width=4.4)
+    fig, (a1, a2, a3) = new_figure(3, width=4.4, height=4.6)
     n = blocks[-1]
     p0 = prof[("residual", n)][0]
     k = p0.lengths
-    a1.semilogy(k, p0.exact_norm / p0.exact_norm.sum(), "o-", ms=3, label="exact ||c_k|| (share)")
+    a1.plot(k, p0.exact_norm / p0.exact_norm.sum(), label="exact: ||c_k||")
     if p0.veit_total is not None:
-        a1.semilogy(k, p0.veit_total / np.nansum(p0.veit_total), "s-", ms=3, label="Veit mean x C(n,k) (share)")
-    a1.semilogy(k, binomial_length_distribution(n), ":", label="paths C(n,k)/2^n")
-    a1.set(xlabel="path length k", ylabel="share", title=f"Gradient per path length, residual, {n} blocks")
-    a1.legend(fontsize=7)
-    colors = {"residual": "tab:blue", "residual-zero-init": "tab:green"}
+        a1.plot(k, p0.veit_total / np.nansum(p0.veit_total), label="Veit's estimate: mean path x C(n,k)")
+    a1.plot(k, binomial_length_distribution(n), color="k", linestyle=":", marker="",
+            label="share of paths: C(n,k) / 2^n")
+    a1.set(xlabel="path length k (blocks)", ylabel="share of the total", title=f"Per path length, residual, {n} blocks")
+    log_axis(a1)
+    integer_axis(a1)
+    legend_below(a1)
     for v in VARIANTS:
+        c, label = degradation.COLORS[v], degradation.LABELS[v]
         eff = [np.mean([p.effective_depth("exact") for p in prof[(v, b)]]) for b in blocks]
-        a2.loglog(blocks, eff, "o-", color=colors[v], label=f"{degradation.LABELS[v]} (p={fits[v][0]:.2f})")
+        a2.plot(blocks, eff, "o-", color=c, label=f"{label}, exact (p = {fits[v][0]:.2f})")
         ve = [np.mean([p.effective_depth("veit") for p in prof[(v, b)]]) for b in blocks]
-        a2.loglog(blocks, ve, "s--", color=colors[v], alpha=0.6, label=f"Veit estimate (p={fits[v][3][0]:.2f})")
+        a2.plot(blocks, ve, "s--", color=c, alpha=0.6, label=f"{label}, Veit's estimate (p = {fits[v][3][0]:.2f})")
     b = np.array(blocks, float)
-    a2.loglog(b, b / 2, "k:", label="n/2 (binomial mean)")
-    a2.loglog(b, np.sqrt(b), "k-.", label="sqrt(n)")
-    a2.set(xlabel="blocks n", ylabel="effective depth", title="Effective depth vs n")
-    a2.legend(fontsize=6)
+    a2.plot(b, b / 2, "k:", label="n/2 (binomial mean)")
+    a2.plot(b, np.sqrt(b), "k-.", label="sqrt(n)")
+    a2.set(xlabel="blocks n", ylabel="effective depth (blocks)", title="Effective depth vs n (mean over seeds)")
+    log_axis(a2, "x", ticks=blocks)
+    log_axis(a2)
+    legend_below(a2)
     for v in VARIANTS:
         p = prof[(v, n)][0]
-        a3.plot(k, np.cumsum(p.exact_norm) / p.exact_norm.sum(), color=colors[v], label=degradation.LABELS[v])
-    a3.plot(k, np.cumsum(binomial_length_distribution(n)), "k:", label="paths")
-    a3.set(xlabel="path length k", ylabel="cumulative share", title="Where the gradient comes from")
-    a3.legend(fontsize=7)
+        a3.plot(k, np.cumsum(p.exact_norm) / p.exact_norm.sum(), color=degradation.COLORS[v], marker="",
+                linestyle="-", label=f"{degradation.LABELS[v]}, exact")
+    a3.plot(k, np.cumsum(binomial_length_distribution(n)), "k:", label="share of paths")
+    a3.set(xlabel="path length k (blocks)", ylabel="cumulative share, paths up to length k",
+           title=f"Where the gradient comes from, {n} blocks")
+    integer_axis(a3)
+    legend_below(a3)
     return ctx.save_figure(fig, "paths.png")
 
 

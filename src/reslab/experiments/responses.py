@@ -12,7 +12,7 @@ from reslab.diagnostics.responses import response_magnitudes
 from reslab.experiments import degradation
 from reslab.experiments.base import (Claim, ClaimResult, Context, differs, eval_batch, load_trained,
                                      register_claim, verdict_of)
-from reslab.report.plots import new_figure
+from reslab.report.plots import integer_axis, legend_below, log_axis, new_figure
 
 VARIANTS = ("plain", "residual", "residual-zero-init")
 
@@ -46,18 +46,22 @@ def analyse(ctx: Context) -> ClaimResult:
 
 
 def _plot(depths: list[int], curves: dict, ctx: Context) -> str:
-    fig, (ax1, ax2) = new_figure(2)
-    colors = {"plain": "tab:red", "residual": "tab:blue", "residual-zero-init": "tab:green"}
+    fig, (ax1, ax2) = new_figure(2, height=4.2)
     styles = ["-", "--", ":", "-."]
-    for v in ("plain", "residual"):
+    for v in VARIANTS:
         for j, d in enumerate(depths):
             c = np.mean(curves[(v, d)], axis=0)
-            kw = dict(color=colors[v], linestyle=styles[j % 4], label=f"{v}-{d}")
+            kw = dict(color=degradation.COLORS[v], linestyle=styles[j % 4], marker=".",
+                      label=f"{degradation.LABELS[v]}, depth {d}")
             ax1.plot(np.arange(1, len(c) + 1), c, **kw)
             ax2.plot(np.arange(1, len(c) + 1), np.sort(c)[::-1], **kw)
-    ax1.set(xlabel="block (original order)", ylabel="response std", yscale="log", title="Responses in layer order")
-    ax2.set(xlabel="block (sorted by magnitude)", ylabel="response std", yscale="log", title="Responses sorted")
-    ax1.legend(fontsize=7, ncol=2)
+    ax1.set(xlabel="block (original order)", title="Responses in layer order (mean over seeds)")
+    ax2.set(xlabel="rank of the block's response (largest first)", title="Responses sorted by magnitude")
+    for ax in (ax1, ax2):
+        ax.set_ylabel("std of the branch output (after its last BN)")
+        log_axis(ax)
+        integer_axis(ax)
+    legend_below(fig)
     return ctx.save_figure(fig, "responses.png")
 
 

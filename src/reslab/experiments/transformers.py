@@ -23,7 +23,7 @@ from reslab.diagnostics.gradients import gradient_profile
 from reslab.diagnostics.recorder import record
 from reslab.experiments.base import (Claim, ClaimResult, Context, check, differs, eval_batch, load_trained,
                                      register_claim, verdict_of)
-from reslab.report.plots import new_figure
+from reslab.report.plots import count, integer_axis, legend_below, log_axis, new_figure, series_styles
 from reslab.train import TrainConfig
 
 # label -> (scheme, residual kwargs)
@@ -136,8 +136,9 @@ def analyse(ctx: Context) -> ClaimResult:
         for L in depths:
             v = np.asarray(bpc[(s, L)])
             diverged = sum(m[run_id(s, L, sd)]["status"] != "completed" for sd in seeds)
-            table.append({"scheme": label, "layers": L, "val_bpc": float(np.nanmean(v)),
-                          "sd": float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0, "diverged_runs": diverged})
+            table.append({"scheme": label, "layers": L, "validation loss (bits/char)": float(np.nanmean(v)),
+                          "sd over seeds (bits/char)": float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0,
+                          "diverged runs": diverged})
     pre = bpc[("preln", deep)]
     checks = [differs(f"{deep} layers: {LABELS[s]} reaches a lower validation bpc than Pre-LN", pre, bpc[(s, deep)],
                       "lower", floor=0.005) for s in ("attnres", "block_attnres", "mhc")]
@@ -181,34 +182,41 @@ def _steps(ctx: Context) -> int:
 
 
 def _plot_bpc(bpc: dict, depths: tuple, ctx: Context) -> str:
-    fig, ax = new_figure(1, width=7)
+    fig, ax = new_figure(1, width=7, height=4.4)
     w = 0.8 / len(depths)
     names = list(LABELS)
     for j, L in enumerate(depths):
         means = [np.nanmean(bpc[(s, L)]) for s in names]
         sds = [np.nanstd(bpc[(s, L)]) for s in names]
-        ax.bar(np.arange(len(names)) + j * w, means, w, yerr=sds, label=f"{L} layers")
+        ax.bar(np.arange(len(names)) + j * w, means, w, yerr=sds, capsize=2, label=count(L, "layer"))
     ax.set_xticks(np.arange(len(names)) + w * (len(depths) - 1) / 2, [LABELS[s] for s in names], rotation=40,
                   ha="right", fontsize=8)
     lo = min(np.nanmin(v) for v in bpc.values() if np.isfinite(v).any())
-    ax.set(ylabel="validation bits per character", title="Equal training budget", ylim=(lo * 0.95, None))
-    ax.legend(fontsize=8)
+    ax.set(ylabel="validation loss (bits per character)", ylim=(lo * 0.95, None),
+           title="Equal training budget (mean ± sd over seeds)")
+    legend_below(ax)
     return ctx.save_figure(fig, "bpc.png")
 
 
 def _plot_dynamics(outs: dict, streams: dict, grads: dict, deep: int, ctx: Context) -> str:
-    fig, (a1, a2, a3) = new_figure(3, width=4.4)
+    fig, (a1, a2, a3) = new_figure(3, width=4.4, height=4.6)
+    styles = series_styles(LABELS.values())
     for s in outs:
-        a1.plot(outs[s], ".-", label=LABELS[s])
-        a3.semilogy(grads[s], ".-", label=LABELS[s])
+        a1.plot(outs[s], label=LABELS[s], **styles[LABELS[s]])
+        a3.plot(grads[s], label=LABELS[s], **styles[LABELS[s]])
     for s, v in streams.items():
-        a2.semilogy(v, ".-", ms=3, label=LABELS[s])
-    a1.set(xlabel="sublayer", ylabel="rms(out_i)", title=f"Sublayer output magnitude, {deep} layers")
-    a2.set(xlabel="sublayer", ylabel="rms(x_i)", title="Stream read at each sublayer")
-    a3.set(xlabel="sublayer", ylabel="||dL/dx_i||", title="Gradient at each sublayer's input")
-    for a in (a1, a3):
-        a.legend(fontsize=7)
-    a2.legend(fontsize=6, ncol=2)
+        a2.plot(v, label=LABELS[s], **styles[LABELS[s]])
+    a1.set(xlabel="sublayer i", ylabel="rms(out_i) = sqrt(E||out_i||^2 / d)",
+           title=f"Sublayer output magnitude, {count(deep, 'layer')}")
+    a2.set(xlabel="sublayer i", ylabel="rms(x_i), the stream sublayer i reads",
+           title=f"Stream read at each sublayer, {count(deep, 'layer')}")
+    a3.set(xlabel="sublayer i", ylabel="||dL/dx_i||",
+           title=f"Gradient at each sublayer's input, {count(deep, 'layer')}")
+    for ax in (a1, a2, a3):
+        integer_axis(ax)
+    for ax in (a2, a3):
+        log_axis(ax)
+    legend_below(fig, ncol=5)
     return ctx.save_figure(fig, "depth_dynamics.png")
 
 

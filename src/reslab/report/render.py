@@ -1,20 +1,24 @@
-"""The reproduction report: Markdown and a self-contained HTML page, from the saved ``claim.json`` files.
+"""The reproduction report: Markdown and a self-contained HTML page, both built from the saved ``claim.json`` files.
 
-The report opens with the seed document's summary table (property, benefit, limitation), each row holding the
-verdicts of the claims measured for it, then one section per claim: the statement, the published number, the
-verdict with the checks it was computed from, the measured table and the plots.
+The report opens with the summary table of residual connections' properties (property, benefit, limitation) from
+the text the claims are quoted from, each row linking the claims measured for it to their sections with their
+verdicts; then one section per claim: the statement, the published number, the verdict with the checks it was
+computed from, the measured table and the plots. A verdict measured on the ``smoke`` profile says, wherever it
+appears, that it tests the pipeline and is no evidence. The HTML is rendered from the claim data with Jinja2
+(autoescaped), never parsed back from the Markdown; Markdown table cells escape ``|``.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 from reslab import runs
 
-# The seed's closing summary table; each row lists the claims that measure it.
+# The closing summary table of the text the claims are quoted from; each row lists the claims that measure it.
 SUMMARY_ROWS = [
     ("Identity default", "Easy optimization, layers learn perturbations", "Uniform aggregation, no prioritization",
      ["degradation", "responses", "dilution"]),
@@ -24,25 +28,29 @@ SUMMARY_ROWS = [
     ("Additive accumulation", "Simple, parameter-free", "O(L) norm growth, signal dilution at scale",
      ["growth", "dilution", "transformers"]),
 ]
+SUMMARY_TITLE = "Summary: the properties of residual connections, with our measured verdicts"
+SUMMARY_HEADER = ["Property", "Benefit", "Limitation", "Measured (verdict per claim)"]
+SMOKE_NOTE = "smoke test of the pipeline, not evidence"
+SMOKE_BANNER = ("Smoke profile: tiny models trained for a few steps, to check that every stage of the pipeline runs. "
+                "Its verdicts are computed like real ones but say nothing for or against any claim; the quick and "
+                "full profiles measure the claims.")
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
     if isinstance(v, bool):
         return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
     return str(v)
 
 
-def _md_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    keys = list(dict.fromkeys(k for r in rows for k in r))  # every column, in first-seen order
-    if "passed" in keys:  # a check's outcome reads last
+def _table(rows: list[dict[str, Any]]) -> dict[str, list]:
+    """``{"header": [...], "rows": [[...], ...]}`` of formatted cells: every key, in first-seen order, the
+    outcome of a check (``passed``) last."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    if "passed" in keys:
         keys.append(keys.pop(keys.index("passed")))
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return {"header": keys, "rows": [[_fmt(r.get(k, "")) for k in keys] for r in rows]}
 
 
 def load_claims(out: Path) -> list[dict[str, Any]]:
@@ -51,73 +59,130 @@ def load_claims(out: Path) -> list[dict[str, Any]]:
     return [dict(runs.read_json(p), dir=str(p.parent.relative_to(out))) for p in files]
 
 
-def render(out: Path, meta: dict[str, str]) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` into ``out`` from its saved claims."""
+def sections(claims: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What both formats show of each claim: its spec's texts and the saved measurements, cells formatted."""
     from reslab.experiments import get_claim
 
-    claims = load_claims(out)
-    by_name = {c["claim"]: c for c in claims}
-    md = ["# reslab reproduction report\n", ", ".join(f"{k}: {v}" for k, v in meta.items()) + "\n",
-          "## Summary (the seed's table, with our measured verdicts)\n",
-          "| Property | Benefit | Limitation | Measured |", "|---|---|---|---|"]
-    for prop, benefit, limit, names in SUMMARY_ROWS:
-        measured = "; ".join(f"{n}: **{by_name[n]['verdict']}**" for n in names if n in by_name) or "not yet measured"
-        md.append(f"| {prop} | {benefit} | {limit} | {measured} |")
-    md.append("")
+    out = []
     for c in claims:
         spec = get_claim(c["claim"])
-        md += [f"## {spec.title} (`{c['claim']}`, profile {c['profile']})\n",
-               f"**Claim.** {spec.statement}\n", f"**Published.** {spec.published}\n",
-               f"**Verdict: {c['verdict']}.** {c['summary']}\n", "### Checks\n",
-               _md_table([{k: v for k, v in ch.items()} for ch in c["checks"]]),
-               "### Measurements\n", _md_table(c["table"])]
-        md += [f"![{f}]({c['dir']}/{f})\n" for f in c["figures"]]
-    text = "\n".join(md)
+        note = SMOKE_NOTE if c.get("profile") == "smoke" else ""
+        out.append({"name": c["claim"], "anchor": f"claim-{c['claim']}", "title": spec.title,
+                    "statement": spec.statement, "published": spec.published, "profile": c.get("profile", "?"),
+                    "verdict": c["verdict"], "note": note, "summary": c["summary"],
+                    "checks": _table(c["checks"]), "measurements": _table(c["table"]),
+                    "figures": [f"{c['dir']}/{f}" for f in c["figures"]]})
+    return out
+
+
+def summary_rows(secs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The summary table's rows, each with the sections of the claims measured for it."""
+    by_name = {s["name"]: s for s in secs}
+    return [{"cells": [prop, benefit, limit], "claims": [by_name[n] for n in names if n in by_name]}
+            for prop, benefit, limit, names in SUMMARY_ROWS]
+
+
+def render(out: Path, meta: dict[str, str]) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` into ``out`` from its saved claims."""
+    secs = sections(load_claims(out))
+    summary = summary_rows(secs)
     md_path, html_path = out / "report.md", out / "report.html"
-    runs.write_text(md_path, text)
-    runs.write_text(html_path, _html(text, out))
+    runs.write_text(md_path, markdown(meta, summary, secs))
+    images = {f: "data:image/png;base64," + base64.b64encode((out / f).read_bytes()).decode()
+              for s in secs for f in s["figures"]}
+    runs.write_text(html_path, _TEMPLATE.render(meta=meta, summary=summary, sections=secs, images=images,
+                                                smoke=any(s["note"] for s in secs), banner=SMOKE_BANNER,
+                                                summary_title=SUMMARY_TITLE, summary_header=SUMMARY_HEADER))
     return md_path, html_path
 
 
-def _html(md: str, out: Path) -> str:
-    """A small Markdown-to-HTML pass for the subset the report uses; images are embedded."""
-    body: list[str] = []
-    table: list[str] = []
+# --- Markdown ---------------------------------------------------------------------------------------------------
 
-    def flush() -> None:
-        if table:
-            rows = [r.strip("|").split("|") for r in table if not set(r) <= set("|-")]
-            head, *rest = rows
-            body.append("<table><tr>" + "".join(f"<th>{_inline(h)}</th>" for h in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{_inline(x)}</td>" for x in r) + "</tr>" for r in rest)
-                        + "</table>")
-            table.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        if line.startswith("!["):
-            src = line[line.index("(") + 1:line.rindex(")")]
-            data = base64.b64encode((out / src).read_bytes()).decode()
-            body.append(f'<p><img alt="{html.escape(src)}" src="data:image/png;base64,{data}"></p>')
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
-        elif line.strip():
-            body.append(f"<p>{_inline(line)}</p>")
-    flush()
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;"
-             "font-size:0.9em}th{background:#eee}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>reslab report</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+def _md_cell(text: str) -> str:
+    """A table cell: ``|`` escaped, one line."""
+    return " ".join(text.replace("|", "\\|").split())
 
 
-def _inline(s: str) -> str:
-    import re
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    if not rows:
+        return ""
+    line = lambda cells: "| " + " | ".join(map(_md_cell, cells)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)]) + "\n"
 
-    s = html.escape(s.strip())
-    s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+
+def _md_verdict(s: dict[str, Any], prefix: str = "") -> str:
+    return f"**{prefix}{s['verdict']}**" + (f" ({s['note']})" if s["note"] else "")
+
+
+def markdown(meta: dict[str, str], summary: list[dict[str, Any]], secs: list[dict[str, Any]]) -> str:
+    """The report as Markdown."""
+    md = ["# reslab reproduction report\n", ", ".join(f"{k}: {v}" for k, v in meta.items()) + "\n"]
+    if any(s["note"] for s in secs):
+        md.append(f"> **{SMOKE_BANNER}**\n")
+    measured = ["; ".join(f"[{s['name']}](#{s['anchor']}): {_md_verdict(s)}" for s in row["claims"])
+                or "not yet measured" for row in summary]
+    md += [f"## {SUMMARY_TITLE}\n",
+           _md_table(SUMMARY_HEADER, [row["cells"] + [m] for row, m in zip(summary, measured)])]
+    for s in secs:
+        md += [f'<a id="{s["anchor"]}"></a>\n', f"## {s['title']} (`{s['name']}`, profile {s['profile']})\n",
+               f"**Claim.** {s['statement']}\n", f"**Published.** {s['published']}\n",
+               f"{_md_verdict(s, 'Verdict: ')}. {s['summary']}\n",
+               "### Checks\n", _md_table(**s["checks"]), "### Measurements\n", _md_table(**s["measurements"])]
+        md += [f"![{Path(f).name}]({f})\n" for f in s["figures"]]
+    return "\n".join(md)
+
+
+# --- HTML -------------------------------------------------------------------------------------------------------
+
+_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
+          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;font-size:0.9em;"
+          "vertical-align:top}th{background:#eee}img{max-width:100%}.smoke{color:#a04000}"
+          "p.banner{border:2px solid #a04000;background:#fff4e8;padding:0.6em 1em}")
+
+_TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                               lstrip_blocks=True).from_string("""\
+{% macro table(t) %}
+{% if t.rows %}
+<table>
+<tr>{% for h in t.header %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in t.rows %}
+<tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>
+{% endfor %}
+</table>
+{% endif %}
+{% endmacro %}
+{% macro verdict(s, prefix="") %}<b>{{ prefix }}{{ s.verdict }}</b>\
+{% if s.note %} <span class="smoke">({{ s.note }})</span>{% endif %}\
+{% endmacro %}
+<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>reslab reproduction report</title>
+<style>""" + _STYLE + """</style></head>
+<body>
+<h1>reslab reproduction report</h1>
+<p>{% for k, v in meta.items() %}{{ k }}: {{ v }}{% if not loop.last %}, {% endif %}{% endfor %}</p>
+{% if smoke %}<p class="banner smoke"><b>{{ banner }}</b></p>{% endif %}
+<h2>{{ summary_title }}</h2>
+<table>
+<tr>{% for h in summary_header %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in summary %}
+<tr>{% for cell in row.cells %}<td>{{ cell }}</td>{% endfor %}<td>
+{%- for s in row.claims %}<a href="#{{ s.anchor }}">{{ s.name }}</a>: {{ verdict(s) }}\
+{% if not loop.last %}; {% endif %}\
+{% else %}not yet measured{% endfor %}</td></tr>
+{% endfor %}
+</table>
+{% for s in sections %}
+<h2 id="{{ s.anchor }}">{{ s.title }} (<code>{{ s.name }}</code>, profile {{ s.profile }})</h2>
+<p><b>Claim.</b> {{ s.statement }}</p>
+<p><b>Published.</b> {{ s.published }}</p>
+<p>{{ verdict(s, "Verdict: ") }}. {{ s.summary }}</p>
+<h3>Checks</h3>
+{{ table(s.checks) }}
+<h3>Measurements</h3>
+{{ table(s.measurements) }}
+{% for f in s.figures %}
+<p><img alt="{{ f }}" src="{{ images[f] }}"></p>
+{% endfor %}
+{% endfor %}
+</body></html>
+""")

@@ -1,0 +1,147 @@
+"""The report, from saved claims: tables keep their columns whatever the cells hold, summary cells link to the
+claims' sections, smoke verdicts say they are no evidence; and the shared figure helpers."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pytest
+
+from reslab import runs
+from reslab.report.render import render
+
+NOT_EVIDENCE = "smoke test of the pipeline, not evidence"
+
+
+def _claim(out: Path, name: str, profile: str, verdict: str = "partly reproduced", **extra) -> None:
+    runs.write_json(out / "claims" / name / "claim.json", {
+        "claim": name, "profile": profile, "verdict": verdict, "summary": f"{name} measured E||x_l||^2/d.",
+        "checks": [], "table": [{"scheme": "Pre-LN", "value": 1.0}], "figures": [], **extra}, sort_keys=False)
+
+
+def _md_tables(md: str) -> list[list[list[str]]]:
+    """Every Markdown table: rows of cells, split on unescaped ``|``, the ``---`` line dropped."""
+    tables, current = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+            if not all(set(c) <= set("-") for c in cells):
+                current.append(cells)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+class _Tables(HTMLParser):
+    """Cells per row of every ``<table>``, the ids of all elements and the targets of all links."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self.ids: set[str] = set()
+        self.hrefs: list[str] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "a" and "href" in attrs:
+            self.hrefs.append(attrs["href"])
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _html(path: Path) -> _Tables:
+    parser = _Tables()
+    parser.feed(path.read_text())
+    return parser
+
+
+def test_cells_with_pipes_keep_their_columns_in_markdown_and_html(tmp_path):
+    checks = [{"check": "residual closer than plain (|log10 ratio|)", "difference": -0.5, "passed": True}]
+    table = [{"scheme": "Pre-LN", "E|x_final|^2/d at 2 layers": 1.5, "note": "E||x_l||^2/d <grows> & more"},
+             {"scheme": "a|b", "E|x_final|^2/d at 2 layers": 2.5, "note": "||"}]
+    _claim(tmp_path, "growth", "quick", checks=checks, table=table)
+    md_path, html_path = render(tmp_path, {"profile": "quick"})
+    md_tables = _md_tables(md_path.read_text())
+    html_tables = _html(html_path).tables
+    assert len(md_tables) == len(html_tables) == 3  # summary, checks, measurements
+    for tables in (md_tables, html_tables):
+        for t in tables:
+            assert {len(row) for row in t} == {len(t[0])}, t
+        summary, check_rows, measured = tables
+        assert check_rows == [["check", "difference", "passed"],
+                              ["residual closer than plain (|log10 ratio|)", "-0.5", "yes"]]
+        assert measured == [["scheme", "E|x_final|^2/d at 2 layers", "note"],
+                            ["Pre-LN", "1.5", "E||x_l||^2/d <grows> & more"], ["a|b", "2.5", "||"]]
+
+
+def test_summary_cells_link_to_the_claims_sections(tmp_path):
+    for name in ("degradation", "paths", "growth"):
+        _claim(tmp_path, name, "quick")
+    md_path, html_path = render(tmp_path, {"profile": "quick"})
+    md, page = md_path.read_text(), _html(html_path)
+    for name in ("degradation", "paths", "growth"):
+        assert f"[{name}](#claim-{name})" in md and f'<a id="claim-{name}"></a>' in md
+        assert f"#claim-{name}" in page.hrefs and f"claim-{name}" in page.ids
+    assert page.tables[0][2] == ["Gradient highway", "Gradients flow unattenuated to any depth", "",
+                                 "not yet measured"]
+
+
+@pytest.mark.parametrize("profile", ["smoke", "quick"])
+def test_smoke_verdicts_say_they_are_no_evidence_everywhere(tmp_path, profile):
+    _claim(tmp_path, "degradation", profile, verdict="reproduced")
+    _claim(tmp_path, "responses", profile, verdict="not reproduced")
+    md_path, html_path = render(tmp_path, {"profile": profile})
+    md, html = md_path.read_text(), html_path.read_text()
+    # Every verdict, in the summary table and in each section, carries the note on smoke runs (and only on those).
+    md_verdicts = re.findall(r"\*\*(?:Verdict: )?((?:not |partly )?reproduced)\*\*( \([^)]*\))?", md)
+    html_verdicts = re.findall(r"<b>(?:Verdict: )?((?:not |partly )?reproduced)</b>( <span[^>]*>\([^)]*\))?", html)
+    for found in (md_verdicts, html_verdicts):
+        assert len(found) == 4  # two claims, each in the summary and in its section
+        assert all((NOT_EVIDENCE in note) == (profile == "smoke") for _, note in found), found
+    assert (NOT_EVIDENCE in md) == (NOT_EVIDENCE in html) == (profile == "smoke")
+
+
+def test_log_labels_never_collide_and_styles_stay_distinct():
+    from reslab.report.plots import LogLabels, log_axis, new_figure, series_styles
+
+    fig, (a, b, c) = new_figure(3)
+    a.plot([2, 4], [0.3, 0.4])
+    b.plot([1, 2], [1e-5, 1.0])
+    for ax in (a, b):
+        log_axis(ax, "x")
+        log_axis(ax)
+    c.plot([2, 4, 8, 16], [1, 2, 3, 4])
+    log_axis(c, "x", ticks=[2, 4, 8, 16])
+    fig.canvas.draw()
+
+    def labels(axis):
+        return [t.get_text() for t in axis.get_majorticklabels() + axis.get_minorticklabels() if t.get_text()]
+
+    assert set(labels(a.xaxis)) >= {"2", "3", "4"} and all("times" not in t for t in labels(a.xaxis))
+    assert all(re.fullmatch(r"\$\\mathdefault\{10\^\{-?\d+\}\}\$", t) for t in labels(b.yaxis)), labels(b.yaxis)
+    assert labels(c.xaxis) == ["2", "4", "8", "16"]
+    assert isinstance(a.yaxis.get_major_formatter(), LogLabels)
+    styles = list(series_styles([f"s{i}" for i in range(12)]).values())
+    assert len({s["color"] for s in styles}) == len({s["marker"] for s in styles}) == 12
+    assert len({tuple(sorted(s.items())) for s in series_styles([f"s{i}" for i in range(24)]).values()}) == 24
+    plt.close(fig)
