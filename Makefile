@@ -19,7 +19,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/reslab reproduce --profile quick --out runs/demo
 
+# the report's browser test opens report.html in headless Chromium (Debian's package)
+BROWSER := $(shell command -v chromium 2>/dev/null)
+
 test: $(STAMP)
+ifeq ($(BROWSER),)
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+endif
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     dg.add_argument("--samples", type=int, default=1000, help="training samples to measure on")
     dg.add_argument("--no-plots", dest="plots", action="store_false", help="arrays and numbers only, no figures")
 
-    rp = sub.add_parser("reproduce", help="run the claims of the seed and write the report")
+    rp = sub.add_parser("reproduce", help="measure the claims of residual-network theory and write the report")
     rp.add_argument("--profile", default="quick", choices=["smoke", "quick", "full"])
     rp.add_argument("--only", action="append", default=[], metavar="CLAIM",
                     help="run only this claim (repeatable, or comma-separated)")
