@@ -18,8 +18,10 @@ NOT_EVIDENCE = "smoke test of the pipeline, not evidence"
 
 def _claim(out: Path, name: str, profile: str, verdict: str = "partly reproduced", **extra) -> None:
     runs.write_json(out / "claims" / name / "claim.json", {
-        "claim": name, "profile": profile, "verdict": verdict, "summary": f"{name} measured E||x_l||^2/d.",
+        "claim": name, "title": f"The {name} claim", "statement": "a statement", "published": "a number",
+        "profile": profile, "verdict": verdict, "summary": f"{name} measured E||x_l||^2/d.",
         "checks": [], "table": [{"scheme": "Pre-LN", "value": 1.0}], "figures": [], **extra}, sort_keys=False)
+    runs.write_json(out / "reproduce.json", {"profile": profile})
 
 
 def _md_tables(md: str) -> list[list[list[str]]]:
@@ -80,7 +82,7 @@ def test_cells_with_pipes_keep_their_columns_in_markdown_and_html(tmp_path):
     table = [{"scheme": "Pre-LN", "E|x_final|^2/d at 2 layers": 1.5, "note": "E||x_l||^2/d <grows> & more"},
              {"scheme": "a|b", "E|x_final|^2/d at 2 layers": 2.5, "note": "||"}]
     _claim(tmp_path, "growth", "quick", checks=checks, table=table)
-    md_path, html_path = render(tmp_path, {"profile": "quick"})
+    md_path, html_path = render(tmp_path)
     md_tables = _md_tables(md_path.read_text())
     html_tables = _html(html_path).tables
     assert len(md_tables) == len(html_tables) == 3  # summary, checks, measurements
@@ -97,7 +99,7 @@ def test_cells_with_pipes_keep_their_columns_in_markdown_and_html(tmp_path):
 def test_summary_cells_link_to_the_claims_sections(tmp_path):
     for name in ("degradation", "paths", "growth"):
         _claim(tmp_path, name, "quick")
-    md_path, html_path = render(tmp_path, {"profile": "quick"})
+    md_path, html_path = render(tmp_path)
     md, page = md_path.read_text(), _html(html_path)
     for name in ("degradation", "paths", "growth"):
         assert f"[{name}](#claim-{name})" in md and f'<a id="claim-{name}"></a>' in md
@@ -110,7 +112,7 @@ def test_summary_cells_link_to_the_claims_sections(tmp_path):
 def test_smoke_verdicts_say_they_are_no_evidence_everywhere(tmp_path, profile):
     _claim(tmp_path, "degradation", profile, verdict="reproduced")
     _claim(tmp_path, "responses", profile, verdict="not reproduced")
-    md_path, html_path = render(tmp_path, {"profile": profile})
+    md_path, html_path = render(tmp_path)
     md, html = md_path.read_text(), html_path.read_text()
     # Every verdict, in the summary table and in each section, carries the note on smoke runs (and only on those).
     md_verdicts = re.findall(r"\*\*(?:Verdict: )?((?:not |partly )?reproduced)\*\*( \([^)]*\))?", md)
@@ -145,3 +147,35 @@ def test_log_labels_never_collide_and_styles_stay_distinct():
     assert len({s["color"] for s in styles}) == len({s["marker"] for s in styles}) == 12
     assert len({tuple(sorted(s.items())) for s in series_styles([f"s{i}" for i in range(24)]).values()}) == 24
     plt.close(fig)
+
+
+def test_reslab_report_rebuilds_from_artifacts_byte_for_byte(tmp_path, capsys, monkeypatch):
+    """A smoke reproduction, rebuilt by `reslab report` with no experiment code importable: identical files."""
+    import sys
+
+    from reslab.cli import main
+
+    out = tmp_path / "rep"
+    assert main(["reproduce", "--profile", "smoke", "--only", "gradient_highway,growth", "--out", str(out),
+                 "--jobs", "1", "--quiet"]) == 0
+    first = {p: (out / p).read_bytes() for p in ("report.md", "report.html")}
+    (out / "report.md").unlink()
+    (out / "report.html").write_text("stale")
+    monkeypatch.setitem(sys.modules, "reslab.experiments", None)  # rendering must not need the claims' code
+    assert main(["report", str(out)]) == 0
+    assert {p: (out / p).read_bytes() for p in first} == first
+    assert "gradient_highway" in first["report.md"].decode() and b"data:image/png;base64," in first["report.html"]
+
+
+@pytest.mark.parametrize("setup,needle", [
+    (lambda d: None, "holds no measured claims"),
+    (lambda d: runs.write_json(d / "claims" / "growth" / "claim.json", {"claim": "growth"}), "missing title"),
+    (lambda d: _claim(d, "growth", "quick", figures=["nope.png"]), "nope.png is missing"),
+])
+def test_report_of_a_folder_without_a_reproduction_is_one_line(tmp_path, capsys, setup, needle):
+    from reslab.cli import main
+
+    setup(tmp_path)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import datetime as _dt
 import math
 import sys
 from pathlib import Path
@@ -102,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="output directory")
     rp.add_argument("--jobs", type=int, help="parallel worker processes (default: CPU count, at most 4)")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
+    rb = sub.add_parser("report", help="rebuild report.md and report.html of a reproduce folder from its artifacts")
+    rb.add_argument("dir", type=Path, help="the --out folder of `reslab reproduce` (finished or partly finished)")
     return p
 
 
@@ -212,10 +213,9 @@ def _cmd_diagnose(args: argparse.Namespace) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> None:
-    import reslab
     from reslab.experiments import get_claim, list_claims, run_claim
     from reslab.experiments.base import check_data, check_reuse
-    from reslab.report.render import render
+    from reslab.report.render import SMOKE_NOTE, render
 
     only = [n.strip() for a in args.only for n in a.split(",") if n.strip()]
     if args.only and not only:
@@ -228,18 +228,25 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
     check_reuse(claims, args.profile, out)
     for claim in claims:
         result = run_claim(claim, args.profile, out, jobs=args.jobs, quiet=args.quiet)
-        print(f"{claim.name}: {result.verdict}")
-    meta = {"profile": args.profile, "reslab": reslab.__version__,
-            "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
-    md, html = render(out, meta)
+        print(f"{claim.name}: {result.verdict}" + (f" ({SMOKE_NOTE})" if args.profile == "smoke" else ""))
+    md, html = render(out)
+    print(f"report: {md} and {html}")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from reslab.report.render import render
+
+    if not args.dir.is_dir():
+        raise ValueError(f"{args.dir} is not a directory")
+    md, html = render(args.dir)
     print(f"report: {md} and {html}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"list": _cmd_list, "train": _cmd_train, "diagnose": _cmd_diagnose,
-         "reproduce": _cmd_reproduce}[args.command](args)
+        {"list": _cmd_list, "train": _cmd_train, "diagnose": _cmd_diagnose, "reproduce": _cmd_reproduce,
+         "report": _cmd_report}[args.command](args)
     except ValueError as e:
         print(f"reslab: error: {e}", file=sys.stderr)
         return 2

@@ -211,7 +211,7 @@ def run_claim(claim: Claim, profile: str, root: Path, jobs: int | None = None, q
     if jobs <= 0:
         raise ValueError(f"jobs must be positive, got {jobs}")
     check_reuse([claim], profile, root)
-    runs.write_json(root / "reproduce.json", {"profile": profile})
+    _record(root, profile, claim.name)
     runs_dir, out = root / "runs", root / "claims" / claim.name
     todo = {rid: cfg for rid, cfg in specs.items() if not _finished(runs_dir / rid)}
     bar = tqdm(total=len(specs), initial=len(specs) - len(todo), disable=quiet, desc=claim.name, unit="run")
@@ -229,10 +229,27 @@ def run_claim(claim: Claim, profile: str, root: Path, jobs: int | None = None, q
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
     result = claim.analyse(Context(specs, runs_dir, out, profile))
-    runs.write_json(out / "claim.json", {"claim": claim.name, "profile": profile, "verdict": result.verdict,
-                                         "summary": result.summary, "checks": result.checks,
-                                         "table": result.table, "figures": result.figures}, sort_keys=False)
+    runs.write_json(out / "claim.json", {"claim": claim.name, "title": claim.title, "statement": claim.statement,
+                                         "published": claim.published, "profile": profile,
+                                         "verdict": result.verdict, "summary": result.summary,
+                                         "checks": result.checks, "table": result.table, "figures": result.figures},
+                    sort_keys=False)
     return result
+
+
+def _record(root: Path, profile: str, name: str) -> None:
+    """``root/reproduce.json``: the profile, the reslab version, the date of the last run and the claims in the
+    order they were first run (what a report is rebuilt from)."""
+    import datetime as _dt
+
+    import reslab
+
+    path = root / "reproduce.json"
+    meta = runs.read_json(path) if path.exists() else {}
+    claims = list(meta.get("claims", [])) if isinstance(meta, dict) else []
+    runs.write_json(path, {"profile": profile, "reslab": reslab.__version__,
+                           "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+                           "claims": claims + ([name] if name not in claims else [])}, sort_keys=False)
 
 
 def _finished(run_dir: Path) -> bool:

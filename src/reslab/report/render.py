@@ -53,22 +53,44 @@ def _table(rows: list[dict[str, Any]]) -> dict[str, list]:
     return {"header": keys, "rows": [[_fmt(r.get(k, "")) for k in keys] for r in rows]}
 
 
+CLAIM_KEYS = ("claim", "title", "statement", "published", "profile", "verdict", "summary", "checks", "table",
+              "figures")
+
+
 def load_claims(out: Path) -> list[dict[str, Any]]:
-    """Every ``claim.json`` under ``out/claims``, in the order they were run."""
-    files = sorted((out / "claims").glob("*/claim.json"), key=lambda p: p.stat().st_mtime)
-    return [dict(runs.read_json(p), dir=str(p.parent.relative_to(out))) for p in files]
+    """Every ``claim.json`` under ``out/claims``: in the order of ``reproduce.json``'s ``claims``, then by name.
+
+    Raises:
+        ValueError: no claims there, or a ``claim.json`` without the keys a report needs.
+    """
+    files = {p.parent.name: p for p in (out / "claims").glob("*/claim.json")}
+    if not files:
+        raise ValueError(f"{out} holds no measured claims (no claims/*/claim.json): nothing to report")
+    order = list(read_meta(out).get("claims", []))
+    claims = []
+    for name in sorted(files, key=lambda n: (order.index(n) if n in order else len(order), n)):
+        c = runs.read_json(files[name])
+        missing = [k for k in CLAIM_KEYS if not isinstance(c, dict) or k not in c]
+        if missing:
+            raise ValueError(f"{files[name]} is not a reslab claim result (missing {', '.join(missing)})")
+        claims.append(dict(c, dir=f"claims/{name}"))
+    return claims
+
+
+def read_meta(out: Path) -> dict[str, Any]:
+    """``reproduce.json``: the profile, version, date and claim order of the reproduction in ``out``."""
+    path = out / "reproduce.json"
+    meta = runs.read_json(path) if path.exists() else {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def sections(claims: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What both formats show of each claim: its spec's texts and the saved measurements, cells formatted."""
-    from reslab.experiments import get_claim
-
+    """What both formats show of each claim, from its ``claim.json`` alone, cells formatted."""
     out = []
     for c in claims:
-        spec = get_claim(c["claim"])
         note = SMOKE_NOTE if c.get("profile") == "smoke" else ""
-        out.append({"name": c["claim"], "anchor": f"claim-{c['claim']}", "title": spec.title,
-                    "statement": spec.statement, "published": spec.published, "profile": c.get("profile", "?"),
+        out.append({"name": c["claim"], "anchor": f"claim-{c['claim']}", "title": c["title"],
+                    "statement": c["statement"], "published": c["published"], "profile": c["profile"],
                     "verdict": c["verdict"], "note": note, "summary": c["summary"],
                     "checks": _table(c["checks"]), "measurements": _table(c["table"]),
                     "figures": [f"{c['dir']}/{f}" for f in c["figures"]]})
@@ -82,9 +104,19 @@ def summary_rows(secs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for prop, benefit, limit, names in SUMMARY_ROWS]
 
 
-def render(out: Path, meta: dict[str, str]) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` into ``out`` from its saved claims."""
+def render(out: Path) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` into ``out`` from its saved artifacts only (``reproduce.json`` and
+    each ``claims/NAME/claim.json`` with its figures): the same files give byte-identical reports.
+
+    Raises:
+        ValueError: ``out`` holds no claims, or a claim file or figure is missing.
+    """
     secs = sections(load_claims(out))
+    missing = [f for sec in secs for f in sec["figures"] if not (out / f).is_file()]
+    if missing:
+        raise ValueError(f"figure {out / missing[0]} is missing: rerun `reslab reproduce` on {out}")
+    info = read_meta(out)
+    meta = {k: info[k] for k in ("profile", "reslab", "date") if k in info}
     summary = summary_rows(secs)
     md_path, html_path = out / "report.md", out / "report.html"
     runs.write_text(md_path, markdown(meta, summary, secs))
