@@ -40,7 +40,8 @@ def test_profiles_do_not_mix_in_one_output_folder(tmp_path, capsys):
     runs.write_json(out / "reproduce.json", {"profile": "smoke"})
     code = main(["reproduce", "--profile", "quick", "--only", "growth", "--out", str(out), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and "made with profile 'smoke', not 'quick'" in err and err.count("\n") == 1
+    assert code == 2 and err.count("\n") == 1
+    assert "made with profile 'smoke' at budget 1, not 'quick' at budget 1" in err
 
 
 SCRIPT = """
@@ -82,3 +83,62 @@ def test_ctrl_c_stops_the_pool_at_once_and_the_rerun_finishes(tmp_path):
     assert len(done) < 6  # queued runs were cancelled, not finished
     assert subprocess.run(argv, capture_output=True, timeout=600).returncode == 0  # resumes and finishes
     assert all(runs.read_json(out / "runs" / f"r{i}" / "result.json")["status"] == "completed" for i in range(6))
+
+
+def test_budget_scales_what_each_claim_says():
+    from reslab.experiments.base import planned
+
+    deg, lm = get_claim("degradation"), get_claim("transformers")
+    for rid, cfg in planned(deg, "smoke", 4).items():
+        assert cfg.epochs == 4 * deg.runs("smoke")[rid].epochs and "epochs" in deg.budget
+    for rid, cfg in planned(lm, "smoke", 4).items():
+        base = lm.runs("smoke")[rid]
+        assert cfg.train_samples == 4 * base.train_samples and cfg.epochs == base.epochs
+    assert planned(deg, "smoke", 1) == deg.runs("smoke")
+
+
+def _claim_json(root, name, verdict, checks):
+    runs.write_json(root / "claims" / name / "claim.json", {"claim": name, "verdict": verdict, "checks": checks})
+
+
+def test_checks_that_flip_with_the_budget_make_the_claim_inconclusive(tmp_path):
+    from reslab.experiments.base import INCONCLUSIVE_AT_BUDGET, compare_budgets
+
+    claim = get_claim("degradation")
+    small, big = tmp_path / "a", tmp_path / "a" / "budget-4"
+    _claim_json(small, claim.name, "reproduced", [{"check": "plain degrades", "difference": 5.0, "passed": True},
+                                                  {"check": "residual does not", "difference": 0.1, "passed": True}])
+    _claim_json(big, claim.name, "partly reproduced", [{"check": "plain degrades", "difference": 9.0, "passed": True},
+                                                       {"check": "residual does not", "difference": 3.0,
+                                                        "passed": False}])
+    rec = compare_budgets(small, big, claim, 4)
+    assert rec["verdict"] == INCONCLUSIVE_AT_BUDGET
+    b = rec["budget"]
+    assert (b["verdict_1x"], b["verdict_4x"], b["agree"]) == ("reproduced", "partly reproduced", False)
+    assert b["checks"][1] == {"check": "residual does not", "value at 1x": 0.1, "passed at 1x": True,
+                              "value at 4x": 3.0, "passed at 4x": False, "agree": False}
+    assert runs.read_json(small / "claims" / claim.name / "claim.json") == rec
+    _claim_json(big, claim.name, "reproduced", [{"check": "plain degrades", "difference": 9.0, "passed": True},
+                                                {"check": "residual does not", "difference": 0.3, "passed": True}])
+    _claim_json(small, claim.name, "reproduced", rec["checks"])
+    assert compare_budgets(small, big, claim, 4)["verdict"] == "reproduced"  # agreement keeps the verdict
+
+
+def test_reproduce_with_a_budget_runs_both_and_reports_the_agreement(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["reproduce", "--profile", "smoke", "--only", "growth", "--budget", "2", "--out", str(out),
+                 "--jobs", "1", "--quiet"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("growth: ") and "(1x: " in line and "2x: " in line, line
+    claim = runs.read_json(out / "claims" / "growth" / "claim.json")
+    assert claim["budget"]["factor"] == 2 and len(claim["budget"]["checks"]) == len(claim["checks"])
+    assert runs.read_json(out / "budget-2" / "reproduce.json")["budget"] == 2
+    assert (out / "budget-2" / "report.html").is_file()
+    md = (out / "report.md").read_text()
+    assert "### Budget stability" in md and "2x the random initialisations" in md
+    # the larger reproduction's seeds really were doubled
+    big = runs.read_json(out / "budget-2" / "claims" / "growth" / "claim.json")
+    assert big["table"] != claim["table"]
+    code = main(["reproduce", "--profile", "smoke", "--only", "growth", "--budget", "3", "--out", str(out / "budget-2"),
+                 "--quiet"])
+    assert code == 2 and "at budget 2, not 'smoke' at budget 1" in capsys.readouterr().err

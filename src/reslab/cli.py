@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="run only this claim (repeatable, or comma-separated)")
     rp.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="output directory")
     rp.add_argument("--jobs", type=int, help="parallel worker processes (default: CPU count, at most 4)")
+    rp.add_argument("--budget", type=int, default=1, metavar="K",
+                    help="also run every claim at K times its budget (each claim says what K multiplies) into "
+                         "OUT/budget-K, and mark a claim whose checks change outcome 'inconclusive at this budget'")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
     rb = sub.add_parser("report", help="rebuild report.md and report.html of a reproduce folder from its artifacts")
     rb.add_argument("dir", type=Path, help="the --out folder of `reslab reproduce` (finished or partly finished)")
@@ -214,7 +217,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> None:
 
 def _cmd_reproduce(args: argparse.Namespace) -> None:
     from reslab.experiments import get_claim, list_claims, run_claim
-    from reslab.experiments.base import check_data, check_reuse
+    from reslab.experiments.base import check_data, check_reuse, compare_budgets
     from reslab.report.render import SMOKE_NOTE, render
 
     only = [n.strip() for a in args.only for n in a.split(",") if n.strip()]
@@ -224,11 +227,23 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
     if args.jobs is not None and args.jobs <= 0:
         raise ValueError(f"--jobs must be positive, got {args.jobs}")
     out: Path = args.out
+    if args.budget < 1:
+        raise ValueError(f"--budget must be a positive integer, got {args.budget}")
+    larger = out / f"budget-{args.budget}"
     check_data(claims, args.profile)
     check_reuse(claims, args.profile, out)
+    if args.budget > 1:
+        check_reuse(claims, args.profile, larger, args.budget)
+    note = f" ({SMOKE_NOTE})" if args.profile == "smoke" else ""
     for claim in claims:
-        result = run_claim(claim, args.profile, out, jobs=args.jobs, quiet=args.quiet)
-        print(f"{claim.name}: {result.verdict}" + (f" ({SMOKE_NOTE})" if args.profile == "smoke" else ""))
+        verdict = run_claim(claim, args.profile, out, jobs=args.jobs, quiet=args.quiet).verdict
+        if args.budget > 1:
+            run_claim(claim, args.profile, larger, jobs=args.jobs, quiet=args.quiet, budget=args.budget)
+            render(larger)
+            rec = compare_budgets(out, larger, claim, args.budget)
+            verdict = (f"{rec['verdict']} (1x: {rec['budget']['verdict_1x']}, {args.budget}x: "
+                       f"{rec['budget'][f'verdict_{args.budget}x']})")
+        print(f"{claim.name}: {verdict}{note}")
     md, html = render(out)
     print(f"report: {md} and {html}")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,7 +24,8 @@ from reslab import runs
 from reslab.train import TrainConfig
 
 PROFILES = ("smoke", "quick", "full")
-VERDICTS = ("reproduced", "partly reproduced", "not reproduced", "inconclusive")
+INCONCLUSIVE_AT_BUDGET = "inconclusive at this budget"
+VERDICTS = ("reproduced", "partly reproduced", "not reproduced", "inconclusive", INCONCLUSIVE_AT_BUDGET)
 
 
 @dataclass
@@ -56,6 +57,8 @@ class Claim:
     published: str
     runs: Callable[[str], dict[str, TrainConfig]]
     analyse: Callable[["Context"], ClaimResult]
+    #: what ``reproduce --budget K`` multiplies by K, said in the report (see :func:`planned`)
+    budget: str = "the epochs of every training run"
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Context:
     runs_dir: Path
     out: Path
     profile: str
+    budget: int = 1  # ``reproduce --budget``: analyses that measure at initialisation scale their seeds by it
 
     def run(self, rid: str) -> Path:
         return self.runs_dir / rid
@@ -137,6 +141,36 @@ def eval_batch(data_spec: str, n: int, split: str = "train") -> tuple[Any, Any, 
     return data.prepare(x[:n], train=False), y[:n], data.num_classes
 
 
+def compare_budgets(base: Path, larger: Path, claim: Claim, budget: int) -> dict[str, Any]:
+    """Put the agreement of ``claim``'s checks at the profile's budget (``base``) and at ``budget`` times it
+    (``larger``) into ``base``'s ``claim.json``; a claim whose checks disagree becomes
+    :data:`INCONCLUSIVE_AT_BUDGET`, with both verdicts and every check's numbers at both budgets kept.
+
+    Returns:
+        The updated claim record.
+    """
+    path = base / "claims" / claim.name / "claim.json"
+    a, b = runs.read_json(path), runs.read_json(larger / "claims" / claim.name / "claim.json")
+    by_name = {c["check"]: c for c in b["checks"]}
+    rows = []
+    for i, ca in enumerate(a["checks"]):
+        cb = by_name.get(ca["check"], b["checks"][i] if i < len(b["checks"]) else {})
+        row = {"check": ca["check"]}
+        for label, c in (("1x", ca), (f"{budget}x", cb)):
+            value = c.get("value", c.get("difference"))
+            if value is not None:
+                row[f"value at {label}"] = value
+            row[f"passed at {label}"] = c.get("passed")
+        row["agree"] = ca.get("passed") == cb.get("passed")
+        rows.append(row)
+    agree = all(r["agree"] for r in rows)
+    a["budget"] = {"factor": budget, "what": claim.budget, "verdict_1x": a["verdict"],
+                   f"verdict_{budget}x": b["verdict"], "checks": rows, "agree": agree}
+    a["verdict"] = a["budget"]["verdict_1x"] if agree else INCONCLUSIVE_AT_BUDGET
+    runs.write_json(path, a, sort_keys=False)
+    return a
+
+
 def check_data(claims: Sequence[Claim], profile: str) -> None:
     """Load every dataset the claims' runs need, before any training: a missing corpus (or package) fails in
     one line at the start, not after an hour of other claims.
@@ -150,7 +184,22 @@ def check_data(claims: Sequence[Claim], profile: str) -> None:
         load_dataset(spec)
 
 
-def check_reuse(claims: Sequence[Claim], profile: str, root: Path) -> None:
+def scale(cfg: TrainConfig, budget: int) -> TrainConfig:
+    """``cfg`` at ``budget`` times its size: ``train_samples`` times K where the run is sized in samples (an equal
+    token budget), otherwise its epochs times K."""
+    if budget == 1:
+        return cfg
+    if cfg.train_samples is not None:
+        return replace(cfg, train_samples=cfg.train_samples * budget)
+    return replace(cfg, epochs=cfg.epochs * budget)
+
+
+def planned(claim: Claim, profile: str, budget: int = 1) -> dict[str, TrainConfig]:
+    """The runs ``claim`` needs for ``profile`` at ``budget`` (1: the profile's own)."""
+    return {rid: scale(cfg, budget) for rid, cfg in claim.runs(profile).items()}
+
+
+def check_reuse(claims: Sequence[Claim], profile: str, root: Path, budget: int = 1) -> None:
     """Refuse, before training anything, an output folder made with another profile, or whose run folder of the
     same id holds a different config: a finished run is reused only when its config is the one asked for.
 
@@ -159,14 +208,14 @@ def check_reuse(claims: Sequence[Claim], profile: str, root: Path) -> None:
     """
     from reslab.train import config_mismatch
 
-    meta = root / "reproduce.json"
-    if meta.exists():
-        made = runs.read_json(meta).get("profile") if isinstance(runs.read_json(meta), dict) else None
-        if made != profile:
-            raise ValueError(f"{root} holds a reproduction made with profile {made!r}, not {profile!r}: "
-                             f"write this one to another --out")
+    meta = runs.read_json(root / "reproduce.json") if (root / "reproduce.json").exists() else None
+    if meta is not None:
+        made = (meta.get("profile"), meta.get("budget", 1)) if isinstance(meta, dict) else (None, None)
+        if made != (profile, budget):
+            raise ValueError(f"{root} holds a reproduction made with profile {made[0]!r} at budget {made[1]}, not "
+                             f"{profile!r} at budget {budget}: write this one to another --out")
     for claim in claims:
-        for rid, cfg in claim.runs(profile).items():
+        for rid, cfg in planned(claim, profile, budget).items():
             diff = config_mismatch(root / "runs" / rid, cfg)
             if diff:
                 raise ValueError(f"{root / 'runs' / rid} holds a run with another config (it differs in "
@@ -198,20 +247,24 @@ def default_jobs() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def run_claim(claim: Claim, profile: str, root: Path, jobs: int | None = None, quiet: bool = False) -> ClaimResult:
-    """Run (or resume) every run of ``claim`` under ``root/runs`` and analyse them into ``root/claims/NAME``.
+def run_claim(claim: Claim, profile: str, root: Path, jobs: int | None = None, quiet: bool = False,
+              budget: int = 1) -> ClaimResult:
+    """Run (or resume) every run of ``claim`` under ``root/runs`` and analyse them into ``root/claims/NAME``;
+    ``budget`` K > 1 runs the profile at K times its size (:func:`planned`).
 
     Runs go to ``jobs`` worker processes with one thread each: the models of the quick profile are small,
     and one thread per process avoids oversubscribing the cores.
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; expected one of {', '.join(PROFILES)}")
-    specs = claim.runs(profile)
+    if budget < 1:
+        raise ValueError(f"budget must be a positive integer, got {budget}")
+    specs = planned(claim, profile, budget)
     jobs = default_jobs() if jobs is None else jobs
     if jobs <= 0:
         raise ValueError(f"jobs must be positive, got {jobs}")
-    check_reuse([claim], profile, root)
-    _record(root, profile, claim.name)
+    check_reuse([claim], profile, root, budget)
+    _record(root, profile, budget, claim.name)
     runs_dir, out = root / "runs", root / "claims" / claim.name
     todo = {rid: cfg for rid, cfg in specs.items() if not _finished(runs_dir / rid)}
     bar = tqdm(total=len(specs), initial=len(specs) - len(todo), disable=quiet, desc=claim.name, unit="run")
@@ -228,7 +281,7 @@ def run_claim(claim: Claim, profile: str, root: Path, jobs: int | None = None, q
                 bar.update(1)
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
-    result = claim.analyse(Context(specs, runs_dir, out, profile))
+    result = claim.analyse(Context(specs, runs_dir, out, profile, budget))
     runs.write_json(out / "claim.json", {"claim": claim.name, "title": claim.title, "statement": claim.statement,
                                          "published": claim.published, "profile": profile,
                                          "verdict": result.verdict, "summary": result.summary,
@@ -237,7 +290,7 @@ def run_claim(claim: Claim, profile: str, root: Path, jobs: int | None = None, q
     return result
 
 
-def _record(root: Path, profile: str, name: str) -> None:
+def _record(root: Path, profile: str, budget: int, name: str) -> None:
     """``root/reproduce.json``: the profile, the reslab version, the date of the last run and the claims in the
     order they were first run (what a report is rebuilt from)."""
     import datetime as _dt
@@ -247,7 +300,7 @@ def _record(root: Path, profile: str, name: str) -> None:
     path = root / "reproduce.json"
     meta = runs.read_json(path) if path.exists() else {}
     claims = list(meta.get("claims", [])) if isinstance(meta, dict) else []
-    runs.write_json(path, {"profile": profile, "reslab": reslab.__version__,
+    runs.write_json(path, {"profile": profile, "budget": budget, "reslab": reslab.__version__,
                            "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
                            "claims": claims + ([name] if name not in claims else [])}, sort_keys=False)
 

@@ -205,5 +205,6 @@ CLAIM = register_claim(Claim(
     published=("AttnRes paper: learned depth weights are diagonal-dominant with persistent weight on the embedding; "
                "DenseFormer's learned DWA weights are structured, far from uniform."),
     runs=transformers.plan,
+    budget="the training windows (tokens seen, one pass) of every language model, up to the whole corpus",
     analyse=analyse,
 ))

@@ -103,7 +103,8 @@ def _linear_fit(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float, float]:
 
 
 def analyse(ctx: Context) -> ClaimResult:
-    xs, gs = XIONG[ctx.profile], GPT[ctx.profile]
+    xs = dict(XIONG[ctx.profile], seeds=XIONG[ctx.profile]["seeds"] * ctx.budget)
+    gs = dict(GPT[ctx.profile], seeds=GPT[ctx.profile]["seeds"] * ctx.budget)
     checks, table = [], []
     # --- 1. Xiong et al.'s setting --------------------------------------------------------------------------
     pre = np.array([xiong_profile("preln", xs["d"], xs["layers"], xs["n"], s) for s in range(xs["seeds"])])
@@ -205,4 +206,5 @@ CLAIM = register_claim(Claim(
                "(FFN sublayers, N(0, 1/d) weights)."),
     runs=lambda profile: {},
     analyse=analyse,
+    budget="the random initialisations (seeds) measured; nothing is trained",
 ))

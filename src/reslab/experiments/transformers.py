@@ -229,5 +229,6 @@ CLAIM = register_claim(Claim(
                "Full AttnRes 1.737, Block AttnRes (S=4) 1.746; PreNorm's output magnitude grows with depth, Block "
                "AttnRes's stays bounded, gradients more uniform."),
     runs=plan,
+    budget="the training windows (tokens seen, one pass) of every language model, up to the whole corpus",
     analyse=analyse,
 ))

@@ -93,8 +93,21 @@ def sections(claims: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "statement": c["statement"], "published": c["published"], "profile": c["profile"],
                     "verdict": c["verdict"], "note": note, "summary": c["summary"],
                     "checks": _table(c["checks"]), "measurements": _table(c["table"]),
+                    "budget": _budget(c.get("budget")),
                     "figures": [f"{c['dir']}/{f}" for f in c["figures"]]})
     return out
+
+
+def _budget(b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The budget-stability part of a section: what K multiplied, both verdicts and the per-check table."""
+    if not b:
+        return None
+    k = b["factor"]
+    text = (f"Rerun at {k}x the budget ({k}x {b['what']}): verdict {b['verdict_1x']} at 1x, "
+            f"{b[f'verdict_{k}x']} at {k}x; " + ("every check has the same outcome at both budgets." if b["agree"]
+                                                 else "some checks change outcome, so the verdict is inconclusive "
+                                                      "at this budget."))
+    return {"text": text, "table": _table(b["checks"])}
 
 
 def summary_rows(secs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -159,7 +172,10 @@ def markdown(meta: dict[str, str], summary: list[dict[str, Any]], secs: list[dic
         md += [f'<a id="{s["anchor"]}"></a>\n', f"## {s['title']} (`{s['name']}`, profile {s['profile']})\n",
                f"**Claim.** {s['statement']}\n", f"**Published.** {s['published']}\n",
                f"{_md_verdict(s, 'Verdict: ')}. {s['summary']}\n",
-               "### Checks\n", _md_table(**s["checks"]), "### Measurements\n", _md_table(**s["measurements"])]
+               "### Checks\n", _md_table(**s["checks"])]
+        if s["budget"]:
+            md += ["### Budget stability\n", s["budget"]["text"] + "\n", _md_table(**s["budget"]["table"])]
+        md += ["### Measurements\n", _md_table(**s["measurements"])]
         md += [f"![{Path(f).name}]({f})\n" for f in s["figures"]]
     return "\n".join(md)
 
@@ -210,6 +226,11 @@ _TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined
 <p>{{ verdict(s, "Verdict: ") }}. {{ s.summary }}</p>
 <h3>Checks</h3>
 {{ table(s.checks) }}
+{% if s.budget %}
+<h3>Budget stability</h3>
+<p>{{ s.budget.text }}</p>
+{{ table(s.budget.table) }}
+{% endif %}
 <h3>Measurements</h3>
 {{ table(s.measurements) }}
 {% for f in s.figures %}
