@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from reslab.train import loss_fn
+from reslab.losses import loss_fn
 
 
 def copy_state(src: nn.Module, dst: nn.Module) -> None:

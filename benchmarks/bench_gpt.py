@@ -42,7 +42,7 @@ import reslab
 from _timing import (OtherLoad, cpu_name, interleaved, make_step, median_ci, n_params,
                      wait_until_quiet, write_marked_section)
 from reslab.residuals.attnres import BlockAttnRes, key_norm
-from reslab.train import loss_fn
+from reslab.losses import loss_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench_gpt -->", "<!-- /bench_gpt -->"

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
+import re
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -154,10 +157,6 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device | None = 
         ValueError: one line naming the file, if it is missing or unreadable, truncated or corrupt, holds a
             pickled object other than tensors and plain data, or is not a dict with the keys train() writes.
     """
-    import pickle
-    import re
-    import warnings
-
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"checkpoint {p} is missing" if not p.exists() else f"checkpoint {p} is not a file")

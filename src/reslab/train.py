@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from reslab import footprint, runs
 from reslab.data import Dataset, load_dataset
+from reslab.losses import loss_fn
 from reslab.models import ResidualNet, create_model, parse_model_name
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -156,12 +156,6 @@ class RunResult:
     @property
     def final(self) -> dict[str, Any]:
         return self.metrics[-1] if self.metrics else {}
-
-
-def loss_fn(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
-    """Cross-entropy in nats, in float32: logits ``(N, C)`` with labels ``(N,)``, or a language model's
-    ``(N, T, V)`` with next-token targets ``(N, T)`` (one term per token)."""
-    return F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), reduction=reduction)
 
 
 def parse_device(name: str) -> torch.device | None:

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from reslab.branch import layer_of
 from reslab.diagnostics.common import flat
 from reslab.diagnostics.recorder import record, trunk_of
+from reslab.losses import loss_fn
 from reslab.residuals.base import RMSNorm
-from reslab.train import loss_fn
 
 
 @dataclass

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from reslab.diagnostics.common import preserved
 from reslab.diagnostics.recorder import record, trunk_of
-from reslab.train import loss_fn
+from reslab.losses import loss_fn
 
 
 @dataclass

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from reslab.losses import loss_fn
 from reslab.residuals.base import AdditiveScheme, ResidualScheme
 from reslab.residuals.plain import Plain
-from reslab.train import loss_fn
 from reslab.trunk import Trunk
 
 __all__ = ["PathProfile", "analyse_paths", "binomial_length_distribution", "binomial_path_counts",

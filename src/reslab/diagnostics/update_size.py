@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from reslab.diagnostics.recorder import trunk_of
-from reslab.train import loss_fn
+from reslab.losses import loss_fn
 
 
 def effective_update_size(model: nn.Module, x: Tensor, y: Tensor, lr: float = 1e-3,
