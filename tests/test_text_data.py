@@ -144,3 +144,10 @@ def test_shakespeare_loads() -> None:
 def test_registry_lists_text_datasets() -> None:
     names = [n for n, _, _ in list_datasets()]
     assert {"pydoc", "shakespeare", "text"} <= set(names)
+
+
+def test_text_path_containing_at(tmp_path) -> None:
+    p = tmp_path / "notes@home.txt"
+    p.write_text("abcdefgh" * 200, encoding="utf-8")
+    assert load_dataset(f"text:{p}").input_shape == (128,)  # an existing file is taken whole
+    assert load_dataset(f"text:{p}@16").input_shape == (16,)
