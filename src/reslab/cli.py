@@ -11,7 +11,10 @@ import ast
 import math
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
+
+if TYPE_CHECKING:
+    from reslab.train import TrainConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -159,7 +162,7 @@ def _recipes_epilog() -> str:
     return "\n".join(lines)
 
 
-def _train_config(args: argparse.Namespace):
+def _train_config(args: argparse.Namespace) -> TrainConfig:
     """The run's config: the stored one (``--resume`` without ``--model``) or the family's recipe, with every
     option given on the command line on top; an option that would have no effect is refused."""
     from reslab.train import TrainConfig, read_run_config

@@ -16,6 +16,7 @@ an uninterrupted run. A non-finite loss stops the run and records it as diverged
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -120,7 +121,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The config as it reads back from JSON (tuples become lists)."""
-        return _config_json(self)
+        return json.loads(json.dumps(asdict(self), default=list))
 
     @classmethod
     def from_dict(cls, d: Any) -> "TrainConfig":
@@ -203,7 +204,7 @@ def read_run_config(run_dir: Path | str) -> tuple[TrainConfig, dict[str, Any]]:
             and isinstance(stored.get("model"), dict)):
         raise ValueError(f"{path} is not a reslab run config (it needs 'train' and 'model' objects)")
     try:
-        return TrainConfig.from_dict({**_config_json(TrainConfig()), **stored["train"]}), stored["model"]
+        return TrainConfig.from_dict({**TrainConfig().to_dict(), **stored["train"]}), stored["model"]
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 
@@ -215,7 +216,7 @@ def config_mismatch(run_dir: Path | str, cfg: TrainConfig) -> list[str]:
     """
     if not (Path(run_dir) / "config.json").exists():
         return []
-    old, new = _config_json(read_run_config(run_dir)[0]), _config_json(cfg)
+    old, new = read_run_config(run_dir)[0].to_dict(), cfg.to_dict()
     return sorted(k for k in old if old[k] != new.get(k))
 
 
@@ -375,7 +376,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"cannot create run directory {out}: {e.strerror or e}") from None
-        runs.write_json(stored, {"train": _config_json(cfg), "model": model.config})
+        runs.write_json(stored, {"train": cfg.to_dict(), "model": model.config})
         runs.write_json(out / "env.json", runs.environment(device))
         torch.manual_seed(cfg.seed)
     runs.write_json(out / "result.json", {"status": "running", "epoch": start_epoch})
@@ -442,13 +443,6 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
     runs.write_json(out / "result.json", {"status": status, "diverged_step": diverged_step, "reason": reason,
                                           "epochs_done": len(metrics), "final": metrics[-1] if metrics else None})
     return RunResult(out, status, metrics, diverged_step, reason)
-
-
-def _config_json(cfg: TrainConfig) -> dict[str, Any]:
-    """The config as it reads back from JSON (tuples become lists)."""
-    import json
-
-    return json.loads(json.dumps(asdict(cfg), default=list))
 
 
 def _load_state(target: nn.Module | torch.optim.Optimizer, state: dict[str, Any], path: Path) -> None:
