@@ -24,6 +24,7 @@ from reslab import runs
 from reslab.train import TrainConfig
 
 PROFILES = ("smoke", "quick", "full")
+RECIPE_ROWS = ("data", "model", "optimiser", "weight decay", "schedule", "training")
 INCONCLUSIVE_AT_BUDGET = "inconclusive at this budget"
 VERDICTS = ("reproduced", "partly reproduced", "not reproduced", "inconclusive", INCONCLUSIVE_AT_BUDGET)
 
@@ -38,6 +39,8 @@ class ClaimResult:
         checks: the named sub-tests behind the verdict, each with its measured numbers and outcome.
         table: rows of measured numbers (list of dicts with the same keys).
         figures: file names (relative to the claim directory) of plots.
+        ablation: the measurement that explains the verdict, above all why a claim is not fully reproduced
+            (see :func:`ablation`): ``{"text": paragraph, "table": rows, "figures": file names}``.
     """
 
     verdict: str
@@ -45,6 +48,13 @@ class ClaimResult:
     checks: list[dict[str, Any]] = field(default_factory=list)
     table: list[dict[str, Any]] = field(default_factory=list)
     figures: list[str] = field(default_factory=list)
+    ablation: dict[str, Any] | None = None
+
+
+def ablation(text: str, table: Sequence[dict[str, Any]] = (), figures: Sequence[str] = ()) -> dict[str, Any]:
+    """A claim's ablation: the paragraph saying what was measured and what it shows, its table and figures.
+    The report titles it "Why not fully reproduced" when the verdict is below ``reproduced``."""
+    return {"text": text, "table": list(table), "figures": list(figures)}
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,10 @@ class Claim:
     analyse: Callable[["Context"], ClaimResult]
     #: what ``reproduce --budget K`` multiplies by K, said in the report (see :func:`planned`)
     budget: str = "the epochs of every training run"
+    #: the published experiment's recipe, one entry per :data:`RECIPE_ROWS`, shown beside ours
+    paper: dict[str, str] = field(default_factory=dict)
+    #: what the runs' configs do not say about our recipe for a profile (e.g. nets measured at initialisation)
+    ours: Callable[[str], dict[str, str]] = lambda profile: {}
 
 
 @dataclass(frozen=True)
@@ -169,6 +183,64 @@ def compare_budgets(base: Path, larger: Path, claim: Claim, budget: int) -> dict
     a["verdict"] = a["budget"]["verdict_1x"] if agree else INCONCLUSIVE_AT_BUDGET
     runs.write_json(path, a, sort_keys=False)
     return a
+
+
+def _unique(values: Any) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def _schedule(cfg: TrainConfig) -> str:
+    s = {"constant": "constant", "cosine": "cosine to zero",
+         "step": f"x{cfg.gamma:g} at " + ", ".join(
+             f"{100 * m:g}%" if cfg.milestones_are_fractions else f"epoch {m:g}" for m in cfg.milestones)
+         + (" of training" if cfg.milestones_are_fractions else "")}[cfg.schedule]
+    if cfg.warmup_steps:
+        s += (f", after {cfg.warmup_steps} steps at {cfg.warmup_lr:g}" if cfg.warmup_lr is not None
+              else f", after {cfg.warmup_steps} steps of linear warm-up")
+    return s
+
+
+def our_recipe(specs: dict[str, TrainConfig], runs_dir: Path) -> dict[str, str]:
+    """Our recipe, by :data:`RECIPE_ROWS`, from the runs' configs; the steps per run are read from their
+    ``result.json`` (what was trained, not what was planned)."""
+    from reslab.data import load_dataset
+
+    cfgs = list(specs.values())
+    if not cfgs:
+        return {}
+    data = []
+    for spec in _unique(c.data for c in cfgs):
+        n = len(load_dataset(spec).x_train)
+        used = _unique(min(n, c.train_samples or n) for c in cfgs if c.data == spec)
+        data.append(f"{spec} ({' / '.join(f'{u:,}' for u in used)} training samples)")
+    kwargs = _unique(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in c.model_kwargs.items()) for c in cfgs)
+    zero = _unique(c.zero_init_last for c in cfgs)
+    model = (", ".join(_unique(c.model for c in cfgs)) + (f" ({' / '.join(k for k in kwargs if k)})"
+                                                          if any(kwargs) else "")
+             + "; residual: " + ", ".join(_unique(c.residual for c in cfgs))
+             + ("; last BN of each branch zero-initialised in some runs" if len(zero) > 1
+                else "; last BN of each branch zero-initialised" if zero[0] else ""))
+    optimiser = " / ".join(_unique(
+        f"{c.optimizer.upper() if c.optimizer == 'sgd' else c.optimizer.capitalize().replace('w', 'W')}, lr {c.lr:g}"
+        + (f", momentum {c.momentum:g}" + (" (Nesterov)" if c.nesterov else "") if c.optimizer == "sgd" else "")
+        + f", batch {c.batch_size}" for c in cfgs))
+    steps = sorted(_unique(int(runs.read_json(p)["final"]["step"]) for rid in specs
+                           if (p := runs_dir / rid / "result.json").exists()
+                           and runs.read_json(p).get("final")))
+    trained = (f"{steps[0]:,}" if len(steps) == 1 else f"{steps[0]:,}-{steps[-1]:,}") if steps else "?"
+    epochs = " / ".join(str(e) for e in _unique(c.epochs for c in cfgs))
+    return {"data": "; ".join(data), "model": model, "optimiser": optimiser,
+            "weight decay": " / ".join(_unique(f"{c.weight_decay:g}" if c.weight_decay else "none" for c in cfgs)),
+            "schedule": " / ".join(_unique(_schedule(c) for c in cfgs)),
+            "training": f"{epochs} epoch(s), {trained} steps per run (measured); {len(cfgs)} runs over "
+                        f"{len(_unique(c.seed for c in cfgs))} seeds"}
+
+
+def recipe_table(claim: Claim, profile: str, specs: dict[str, TrainConfig], runs_dir: Path) -> list[dict[str, str]]:
+    """The published recipe beside ours, row by row (:data:`RECIPE_ROWS`)."""
+    ours, extra = our_recipe(specs, runs_dir), claim.ours(profile)
+    return [{"": row, "published": claim.paper.get(row, ""),
+             "ours": "; ".join(t for t in (ours.get(row), extra.get(row)) if t)} for row in RECIPE_ROWS]
 
 
 def check_data(claims: Sequence[Claim], profile: str) -> None:
@@ -284,8 +356,10 @@ def run_claim(claim: Claim, profile: str, root: Path, jobs: int | None = None, q
     result = claim.analyse(Context(specs, runs_dir, out, profile, budget))
     runs.write_json(out / "claim.json", {"claim": claim.name, "title": claim.title, "statement": claim.statement,
                                          "published": claim.published, "profile": profile,
+                                         "recipe": recipe_table(claim, profile, specs, runs_dir),
                                          "verdict": result.verdict, "summary": result.summary,
-                                         "checks": result.checks, "table": result.table, "figures": result.figures},
+                                         "checks": result.checks, "table": result.table, "figures": result.figures,
+                                         "ablation": result.ablation},
                     sort_keys=False)
     return result
 

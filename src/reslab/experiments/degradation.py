@@ -30,6 +30,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
 LABELS = {"plain": "plain", "residual": "residual", "residual-zero-init": "residual, zero-init last BN"}
 COLORS = {"plain": "tab:red", "residual": "tab:blue", "residual-zero-init": "tab:green"}  # in every MLP claim's figure
 
+#: He et al. 2015's CIFAR-10 recipe (section 4.2), which Veit et al. 2016 also trained with
+HE_CIFAR = {
+    "data": "CIFAR-10, 45k/5k train/validation split, 32x32 images, pad-4 random crop and horizontal flip",
+    "model": "CIFAR ResNets of depth 6n+2 (20, 32, 44, 56, 110) and their plain twins: 3x3 conv-BN-ReLU, 16/32/64 "
+             "channels, option A shortcuts, post-activation",
+    "optimiser": "SGD, lr 0.1, momentum 0.9, batch 128 (ResNet-110: 400 iterations at 0.01 first)",
+    "weight decay": "1e-4",
+    "schedule": "lr / 10 at 32k and 48k iterations",
+    "training": "64k iterations (~182 epochs)",
+}
+
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(depths=(4, 8), seeds=3, epochs=2, data="mnist1d:1000", width=32),
     "quick": dict(depths=(8, 20, 56), seeds=3, epochs=10, data="mnist1d", width=128),
@@ -150,4 +161,5 @@ CLAIM = register_claim(Claim(
                "(option A) reaches 25.03%."),
     runs=plan,
     analyse=analyse,
+    paper=HE_CIFAR,
 ))

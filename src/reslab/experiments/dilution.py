@@ -207,4 +207,7 @@ CLAIM = register_claim(Claim(
     runs=transformers.plan,
     budget="the training windows (tokens seen, one pass) of every language model, up to the whole corpus",
     analyse=analyse,
+    paper=transformers.ATTNRES_RECIPE,
+    ours=lambda p: {"model": f"also untrained Pre-LN GPTs of {', '.join(map(str, INIT_DEPTHS[p]))} layers, d_model "
+                             f"{INIT_WIDTH[p]}, weights N(0, 0.02), measured at initialisation"},
 ))

@@ -113,4 +113,6 @@ CLAIM = register_claim(Claim(
                "smoothly with the number of deleted blocks and with the Kendall-tau disorder of reordering."),
     runs=degradation.plan,
     analyse=analyse,
+    paper=dict(degradation.HE_CIFAR, model="ResNet-110 (54 residual blocks, 3 stages, 2 downsampling blocks) and "
+               "VGG-15 for the plain comparison; blocks deleted or reordered at test time only"),
 ))

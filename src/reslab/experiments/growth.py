@@ -206,5 +206,15 @@ CLAIM = register_claim(Claim(
                "(FFN sublayers, N(0, 1/d) weights)."),
     runs=lambda profile: {},
     analyse=analyse,
+    paper={"data": "Xiong et al.: unit-variance input vectors; IWSLT14 De-En and BERT pre-training for their "
+                   "training experiments",
+           "model": "a stack of FFN sublayers with d x d weights drawn N(0, 1/d), Post-LN or Pre-LN",
+           "training": "none: bounds on the expected stream energy at initialisation (Lemma 1)"},
+    ours=lambda p: {"data": f"Gaussian unit-variance inputs ({XIONG[p]['n']} vectors); pydoc windows of "
+                            f"{GPT[p]['ctx']} characters for the GPTs",
+                    "model": f"Xiong's FFN stack (d = {XIONG[p]['d']}, {XIONG[p]['layers']} sublayers); GPTs of "
+                             f"{', '.join(map(str, GPT[p]['depths']))} layers, d_model {GPT[p]['d']}, under "
+                             f"{len(SCHEMES)} residual schemes",
+                    "training": f"none: measured at initialisation, {XIONG[p]['seeds']} / {GPT[p]['seeds']} seeds"},
     budget="the random initialisations (seeds) measured; nothing is trained",
 ))

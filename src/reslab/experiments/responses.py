@@ -74,4 +74,5 @@ CLAIM = register_claim(Claim(
                "less than their plain counterparts and ResNet-110 < ResNet-56 < ResNet-20 per layer."),
     runs=degradation.plan,
     analyse=analyse,
+    paper=degradation.HE_CIFAR,
 ))

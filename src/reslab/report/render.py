@@ -92,10 +92,21 @@ def sections(claims: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"name": c["claim"], "anchor": f"claim-{c['claim']}", "title": c["title"],
                     "statement": c["statement"], "published": c["published"], "profile": c["profile"],
                     "verdict": c["verdict"], "note": note, "summary": c["summary"],
+                    "recipe": _table(c.get("recipe", [])),
                     "checks": _table(c["checks"]), "measurements": _table(c["table"]),
-                    "budget": _budget(c.get("budget")),
+                    "budget": _budget(c.get("budget")), "ablation": _ablation(c),
                     "figures": [f"{c['dir']}/{f}" for f in c["figures"]]})
     return out
+
+
+def _ablation(c: dict[str, Any]) -> dict[str, Any] | None:
+    """The ablation part of a section, titled by what it is for: explaining a verdict below ``reproduced``."""
+    a = c.get("ablation")
+    if not a:
+        return None
+    title = "Why not fully reproduced" if c["verdict"] != "reproduced" else "Ablation"
+    return {"title": title, "text": a["text"], "table": _table(a.get("table", [])),
+            "figures": [f"{c['dir']}/{f}" for f in a.get("figures", [])]}
 
 
 def _budget(b: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -108,6 +119,10 @@ def _budget(b: dict[str, Any] | None) -> dict[str, Any] | None:
                                                  else "some checks change outcome, so the verdict is inconclusive "
                                                       "at this budget."))
     return {"text": text, "table": _table(b["checks"])}
+
+
+def _figures(sec: dict[str, Any]) -> list[str]:
+    return sec["figures"] + (sec["ablation"]["figures"] if sec["ablation"] else [])
 
 
 def summary_rows(secs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -125,7 +140,7 @@ def render(out: Path) -> tuple[Path, Path]:
         ValueError: ``out`` holds no claims, or a claim file or figure is missing.
     """
     secs = sections(load_claims(out))
-    missing = [f for sec in secs for f in sec["figures"] if not (out / f).is_file()]
+    missing = [f for sec in secs for f in _figures(sec) if not (out / f).is_file()]
     if missing:
         raise ValueError(f"figure {out / missing[0]} is missing: rerun `reslab reproduce` on {out}")
     info = read_meta(out)
@@ -134,7 +149,7 @@ def render(out: Path) -> tuple[Path, Path]:
     md_path, html_path = out / "report.md", out / "report.html"
     runs.write_text(md_path, markdown(meta, summary, secs))
     images = {f: "data:image/png;base64," + base64.b64encode((out / f).read_bytes()).decode()
-              for s in secs for f in s["figures"]}
+              for s in secs for f in _figures(s)}
     runs.write_text(html_path, _TEMPLATE.render(meta=meta, summary=summary, sections=secs, images=images,
                                                 smoke=any(s["note"] for s in secs), banner=SMOKE_BANNER,
                                                 summary_title=SUMMARY_TITLE, summary_header=SUMMARY_HEADER))
@@ -171,12 +186,17 @@ def markdown(meta: dict[str, str], summary: list[dict[str, Any]], secs: list[dic
     for s in secs:
         md += [f'<a id="{s["anchor"]}"></a>\n', f"## {s['title']} (`{s['name']}`, profile {s['profile']})\n",
                f"**Claim.** {s['statement']}\n", f"**Published.** {s['published']}\n",
+               *(["### Recipe: published and ours\n", _md_table(**s["recipe"])] if s["recipe"]["rows"] else []),
                f"{_md_verdict(s, 'Verdict: ')}. {s['summary']}\n",
                "### Checks\n", _md_table(**s["checks"])]
         if s["budget"]:
             md += ["### Budget stability\n", s["budget"]["text"] + "\n", _md_table(**s["budget"]["table"])]
         md += ["### Measurements\n", _md_table(**s["measurements"])]
         md += [f"![{Path(f).name}]({f})\n" for f in s["figures"]]
+        if s["ablation"]:
+            a = s["ablation"]
+            md += [f"### {a['title']}\n", a["text"] + "\n", _md_table(**a["table"])]
+            md += [f"![{Path(f).name}]({f})\n" for f in a["figures"]]
     return "\n".join(md)
 
 
@@ -223,6 +243,10 @@ _TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined
 <h2 id="{{ s.anchor }}">{{ s.title }} (<code>{{ s.name }}</code>, profile {{ s.profile }})</h2>
 <p><b>Claim.</b> {{ s.statement }}</p>
 <p><b>Published.</b> {{ s.published }}</p>
+{% if s.recipe.rows %}
+<h3>Recipe: published and ours</h3>
+{{ table(s.recipe) }}
+{% endif %}
 <p>{{ verdict(s, "Verdict: ") }}. {{ s.summary }}</p>
 <h3>Checks</h3>
 {{ table(s.checks) }}
@@ -236,6 +260,14 @@ _TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined
 {% for f in s.figures %}
 <p><img alt="{{ f }}" src="{{ images[f] }}"></p>
 {% endfor %}
+{% if s.ablation %}
+<h3>{{ s.ablation.title }}</h3>
+<p>{{ s.ablation.text }}</p>
+{{ table(s.ablation.table) }}
+{% for f in s.ablation.figures %}
+<p><img alt="{{ f }}" src="{{ images[f] }}"></p>
+{% endfor %}
+{% endif %}
 {% endfor %}
 </body></html>
 """)
