@@ -7,7 +7,9 @@ scheme replays its own rule on the recorded tensors (:meth:`ResidualScheme.decom
 right for every scheme and sums exactly to the final stream; schemes that renormalise the stream after each
 sublayer (Post-LN, DeepNorm) have no such decomposition and say so.
 
-- :func:`decompose`: the contributions, their shares of the final stream and their projections onto it.
+- :func:`decompose`: the contributions, their shares of the final stream, their projections onto it and their
+  pairwise cosines; :func:`share_under_cosine`: the share that equal-norm contributions of a given mean pairwise
+  cosine have (``K^-1/2`` when orthogonal, ``1/K`` when coherent).
 - :func:`direct_logit_attribution`: each component's direct effect on a target logit, through the head's final
   norm with its scale frozen from the full forward pass (the terms add up to the logit exactly).
 - :func:`logit_lens`: decode every intermediate stream with the model's own head (final norm + unembedding);
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import ArrayLike
 from torch import Tensor, nn
 
 from reslab.branch import layer_of
@@ -44,12 +47,19 @@ class Decomposition:
     final: Tensor
     sources: list[Tensor]
 
+    def _live_rows(self) -> tuple[Tensor, Tensor]:
+        """The components ``(K, R, D)`` and the final stream ``(R, D)``, one row per sample (per token for token
+        streams, :func:`~reslab.diagnostics.common.flat`), in float64, on the rows whose final stream is not
+        exactly zero (e.g. a plain net's dead ReLU output): those have no shares and are left out everywhere."""
+        f = flat(self.final).double()
+        live = f.norm(dim=1) > 0
+        return torch.stack([flat(c).double()[live] for c in self.components]), f[live]
+
     def shares(self) -> np.ndarray:
         """``E ||c_j|| / ||x_final||`` per component (per sample, or per token for token streams; rows whose final
-        stream is exactly zero, e.g. a plain net's dead ReLU output, have no shares and are left out)."""
-        f = flat(self.final).double().norm(dim=1)
-        live = f > 0
-        return np.asarray([float((flat(c).double().norm(dim=1)[live] / f[live]).mean()) for c in self.components])
+        stream is exactly zero are left out)."""
+        c, f = self._live_rows()
+        return (c.norm(dim=2) / f.norm(dim=1)).mean(1).numpy()
 
     def weights(self) -> np.ndarray:
         """``E ||c_j|| / ||v_j||``: the weight each component gets in the final stream relative to its raw source
@@ -60,10 +70,43 @@ class Decomposition:
     def projections(self) -> np.ndarray:
         """``E <c_j, x_final> / ||x_final||^2``: the fraction of the final stream each component explains
         (they add up to 1; rows with a zero final stream are left out, as in :meth:`shares`)."""
-        f = flat(self.final).double()
-        f2 = (f * f).sum(1)
-        live = f2 > 0
-        return np.asarray([float(((flat(c).double() * f).sum(1)[live] / f2[live]).mean()) for c in self.components])
+        c, f = self._live_rows()
+        return ((c * f).sum(2) / (f * f).sum(1)).mean(1).numpy()
+
+    def cosines(self) -> np.ndarray:
+        """The ``(K, K)`` matrix ``E cos(c_i, c_j) = E <c_i, c_j> / (||c_i|| ||c_j||)`` between the components'
+        contributions, averaged over rows (the rows of :meth:`shares`: per token for token streams, per sample
+        otherwise; rows whose final stream is zero are left out). A contribution that is exactly zero on a row has
+        no direction: its cosines there count as 0 (it adds no cross term to ``||x_final||^2``)."""
+        c, _ = self._live_rows()
+        u = c / c.norm(dim=2, keepdim=True).clamp_min(1e-300)
+        return torch.einsum("ird,jrd->ij", u, u).div(c.shape[1]).numpy()
+
+    def pairwise_cosine(self) -> float:
+        """The mean pairwise cosine between the ``K`` contributions, over rows and over the pairs ``i != j``:
+
+        ``rho = E_rows [ 1 / (K (K - 1)) sum_{i != j} <c_i, c_j> / (||c_i|| ||c_j||) ]``
+
+        It decides how the shares dilute with ``K`` (:func:`share_under_cosine`): ``rho = 0`` (near-orthogonal
+        contributions) gives ``K^-1/2``, ``rho = 1`` (coherent ones) gives ``1/K``.
+        """
+        m, k = self.cosines(), len(self.components)
+        return float((m.sum() - np.trace(m)) / (k * (k - 1))) if k > 1 else float("nan")
+
+    def share_from_cosine(self, rho: float | None = None) -> float:
+        """The mean share :meth:`shares` predicts when every pairwise cosine is replaced by one mean ``rho``
+        (default: the measured :meth:`pairwise_cosine`), keeping each row's measured norms ``n_j = ||c_j||``:
+
+        ``||x_final||^2 = sum_{i, j} n_i n_j cos_ij ~ sum_j n_j^2 + rho ((sum_j n_j)^2 - sum_j n_j^2)``,
+        ``share = E_rows [ (1/K) sum_j n_j / ||x_final|| ]``
+
+        With equal norms this is :func:`share_under_cosine`; the norms' spread lowers it (``rho = 0`` gives
+        ``K^-1/2 mean(n) / rms(n)``). Matching the measured mean share, it says the cosine is what sets the law.
+        """
+        rho = self.pairwise_cosine() if rho is None else rho
+        n = self._live_rows()[0].norm(dim=2)
+        s1, s2 = n.sum(0), n.pow(2).sum(0)
+        return float((s1 / len(n) / (s2 + rho * (s1 * s1 - s2)).sqrt()).mean())
 
     def labels(self, model: nn.Module) -> list[str]:
         """``embed``, then ``attn0, mlp0, attn1, ...`` for transformers or ``block0, block1, ...``."""
@@ -74,6 +117,20 @@ def branch_labels(model: nn.Module) -> list[str]:
     """A name per branch: ``attn0, mlp0, attn1, ...`` for transformers (role and layer), else ``block0, ...``."""
     specs = trunk_of(model).scheme.specs
     return [f"{s.role or 'block'}{k}" for s, k in zip(specs, layer_of(specs))]
+
+
+def share_under_cosine(k: ArrayLike, rho: ArrayLike) -> np.ndarray:
+    """The share of the final stream each of ``K`` equal-norm contributions has when their mean pairwise cosine
+    is ``rho`` (pass the measured :meth:`Decomposition.pairwise_cosine` for the equal-norm model's prediction):
+
+    ``||sum_j c_j||^2 = sum_{i, j} <c_i, c_j> = K n^2 (1 + (K - 1) rho)``, so
+    ``share = n / ||sum_j c_j|| = 1 / sqrt(K (1 + (K - 1) rho))``:
+
+    ``K^-1/2`` for orthogonal contributions (``rho = 0``), ``1/K`` for identical ones (``rho = 1``); the
+    coherent term ``(K - 1) rho`` against 1 says which law holds.
+    """
+    k, rho = np.asarray(k, dtype=float), np.asarray(rho, dtype=float)
+    return 1 / np.sqrt(k * (1 + (k - 1) * rho))
 
 
 @torch.no_grad()

@@ -8,6 +8,11 @@ are measured through the scheme's exact decomposition of the final stream into w
 - dilution: a component's share ``E ||c_j|| / ||x_final||`` (per token) in Pre-LN GPTs of several depths at
   initialisation (all weights ``N(0, 0.02)``) and after training; the mean share over the ``K = 2L + 1``
   components is fitted as ``K^p``. ``p = -1`` is the claimed 1/L; sums of near-orthogonal terms give ``-1/2``.
+  The ablation measures which: the mean pairwise cosine ``rho`` between the contributions, and the share it
+  predicts (:func:`~reslab.diagnostics.decomposition.share_under_cosine`, ``1 / sqrt(K (1 + (K - 1) rho))`` for
+  equal norms; :meth:`~reslab.diagnostics.decomposition.Decomposition.share_from_cosine` with the measured norms),
+  at every depth at initialisation and after training; the coherent term ``(K - 1) rho`` against 1 says which law
+  holds.
 - aggregation: the weight each component gets in the final stream, ``a_j = E ||c_j|| / ||v_j||`` (``v_j`` its raw
   output, ``x0`` for the embedding). The standard residual has ``a_j = 1`` for every ``j`` by construction; Full
   and Block Attention Residuals and DenseFormer start uniform and learn their weights. Non-uniformity is the
@@ -22,12 +27,12 @@ import numpy as np
 import torch
 
 import reslab
-from reslab.diagnostics.decomposition import decompose
+from reslab.diagnostics.decomposition import Decomposition, decompose, share_under_cosine
 from reslab.diagnostics.recorder import record
 from reslab.experiments import transformers
-from reslab.experiments.base import (Claim, ClaimResult, Context, check, differs, eval_batch, load_trained,
-                                     register_claim, verdict_of)
-from reslab.report.plots import count, integer_axis, legend_below, log_axis, new_figure
+from reslab.experiments.base import (Claim, ClaimResult, Context, ablation, check, differs, eval_batch,
+                                     load_trained, register_claim, verdict_of)
+from reslab.report.plots import count, integer_axis, legend_below, log_axis, new_figure, series_styles
 from reslab.residuals.hyper import composite_gain
 
 INIT_DEPTHS = {"smoke": (1, 2), "quick": (2, 4, 8, 16), "full": (2, 4, 8, 16, 32)}
@@ -39,6 +44,25 @@ def _fit(k: np.ndarray, share: np.ndarray) -> float:
     return float(np.polyfit(np.log(k), np.log(share), 1)[0])
 
 
+def _cosine_law(dec: Decomposition) -> tuple[float, float]:
+    """``(rho, predicted mean share)``: the measured mean pairwise cosine and the share it predicts with the
+    measured norms."""
+    rho = dec.pairwise_cosine()
+    return rho, dec.share_from_cosine(rho)
+
+
+def _law_row(when: str, layers: int, share: float, laws: list[tuple[float, float]]) -> dict:
+    """A row of the ablation: the measured mean share beside what the mean pairwise cosine predicts (means over
+    seeds), the two laws, and the one the coherent term ``(K - 1) rho`` puts the depth under (below 1: the sum of
+    squared norms dominates ``||x_final||^2``, ``K^-1/2``; above: the cross terms do, ``1/K``)."""
+    k = 2 * layers + 1
+    rho, pred = (float(v) for v in np.mean(laws, 0))
+    return {"when": when, "layers": layers, "components": k, "mean_share": float(share),
+            "mean_pairwise_cosine": rho, "coherent_term": (k - 1) * rho, "share_from_cosine": pred,
+            "share_equal_norms": float(share_under_cosine(k, rho)), "K^-1/2": k ** -0.5, "1/K": 1 / k,
+            "law": "K^-1/2" if (k - 1) * rho < 1 else "1/K"}
+
+
 def analyse(ctx: Context) -> ClaimResult:
     p = transformers.PROFILE[ctx.profile]
     seeds, depths = p["seeds"], p["depths"]
@@ -48,15 +72,18 @@ def analyse(ctx: Context) -> ClaimResult:
     # --- dilution at initialisation, Pre-LN at several depths -------------------------------------------------
     init_depths, width = INIT_DEPTHS[ctx.profile], INIT_WIDTH[ctx.profile]
     xi = x[:8]
-    share_init = {}
+    share_init, law_rows = {}, []
     for L in init_depths:
-        vals = []
+        vals, laws = [], []
         for s in seeds:
             torch.manual_seed(s)
             m = reslab.create_model("gpt", "preln", depth=L, num_classes=vocab, input_shape=(p["ctx"],),
                                     d_model=width, n_heads=max(1, width // 32), scaled_out_init=False).eval()
-            vals.append(decompose(m, xi).shares())
+            dec = decompose(m, xi)
+            vals.append(dec.shares())
+            laws.append(_cosine_law(dec))
         share_init[L] = np.mean(vals, 0)
+        law_rows.append(_law_row("init", L, share_init[L].mean(), laws))
         table.append({"when": "init", "scheme": "Pre-LN", "layers": L, "components": 2 * L + 1,
                       "mean_share": float(share_init[L].mean()), "embedding_share": float(share_init[L][0]),
                       "last_share": float(share_init[L][-1])})
@@ -69,6 +96,7 @@ def analyse(ctx: Context) -> ClaimResult:
     # --- after training ------------------------------------------------------------------------------------
     trained: dict[tuple[str, int], list[np.ndarray]] = {}
     shares: dict[tuple[str, int], list[np.ndarray]] = {}
+    preln_laws: dict[int, list[tuple[float, float]]] = {}  # depth -> per seed: (rho, share predicted from rho)
     alphas: dict[str, list] = {}  # scheme -> per seed: token-averaged depth weights per site
     gains: dict[str, list] = {}   # scheme -> per seed: composite stream gain per depth
     dwa = {}
@@ -81,6 +109,8 @@ def analyse(ctx: Context) -> ClaimResult:
         dec = decompose(model, x)
         trained.setdefault((scheme, L), []).append(dec.weights())
         shares.setdefault((scheme, L), []).append(dec.shares())
+        if scheme == "preln":
+            preln_laws.setdefault(L, []).append(_cosine_law(dec))
         if L == deep:
             with torch.no_grad(), record(model, names=("mix",)) as rec:
                 model(x)
@@ -116,7 +146,95 @@ def analyse(ctx: Context) -> ClaimResult:
     first = {k: v[0] for k, v in alphas.items()}
     figs = [_plot_dilution(share_init, init_depths, p_init, ctx),
             _plot_weights(first, dwa, {k: v[0] for k, v in gains.items()}, deep, ctx)]
-    return ClaimResult(verdict, summary, checks, table, figs)
+    law_rows += [_law_row("trained", L, np.mean(shares[("preln", L)]), v) for L, v in sorted(preln_laws.items())]
+    return ClaimResult(verdict, summary, checks, table, figs,
+                       ablation(_ablation_text(law_rows, p_init), law_rows, [_plot_law(law_rows, ctx)]))
+
+
+def _values(rows: list[dict], key: str, fmt: str = ".3f") -> str:
+    """``a, b, c``: a row key's values over depth, in order."""
+    return ", ".join(format(r[key], fmt) for r in rows)
+
+
+def _ablation_text(rows: list[dict], p_init: float) -> str:
+    """Which law the measured shares follow and why, every number and the conclusion computed from ``rows``."""
+    init = [r for r in rows if r["when"] == "init"]
+    k = np.array([r["components"] for r in init], float)
+    p_pred = _fit(k, np.array([r["share_from_cosine"] for r in init]))
+    rho = [r["mean_pairwise_cosine"] for r in init]
+    coherent = [r["coherent_term"] for r in init]
+    gap = max(abs(r["share_from_cosine"] / r["mean_share"] - 1) for r in init)
+    by_fit = "K^-1/2" if abs(p_init + 0.5) < abs(p_init + 1) else "1/K"
+    by_cos = {r["law"] for r in init}
+    text = ("The seed's 1/L holds for contributions that add coherently; near-orthogonal ones dilute as K^-1/2. "
+            "With K contributions of equal norm and mean pairwise cosine rho, ||x_final||^2 = K n^2 (1 + (K-1) rho): "
+            "a share of 1/sqrt(K (1 + (K-1) rho)), K^-1/2 at rho = 0 and 1/K at rho = 1; the coherent term (K-1) rho "
+            f"against 1 says which law holds. At initialisation (Pre-LN, K = {_values(init, 'components', 'd')}) the "
+            f"measured mean pairwise cosine is between {min(rho):.4f} and {max(rho):.4f}, a coherent term "
+            f"between {min(coherent):.3f} and {max(coherent):.3f}. The share this cosine predicts with each token's "
+            f"measured norms is {_values(init, 'share_from_cosine')} against the measured "
+            f"{_values(init, 'mean_share')} (at most {100 * gap:.1f}% apart; fitted exponent {p_pred:.2f} against "
+            f"the measured {p_init:.2f}); K^-1/2 is {_values(init, 'K^-1/2')} and 1/K {_values(init, '1/K')}. ")
+    if by_cos == {by_fit} == {"K^-1/2"}:
+        text += ("The data follow the K^-1/2 law, not 1/K: the contributions are near-orthogonal, so at our scale "
+                 f"the seed's \"1/L\" is wrong and a component's share dilutes as K^-1/2 (measured K^{p_init:.2f}); "
+                 "what remains between the shares and K^-1/2 comes from the components' unequal norms and their "
+                 "small residual cosine (equal norms at the measured cosine would give "
+                 f"{_values(init, 'share_equal_norms')}), not from coherence.")
+    elif by_cos == {by_fit} == {"1/K"}:
+        text += ("The data follow the 1/K law: the contributions add coherently (coherent term above 1 at every "
+                 f"depth), as the seed's 1/L assumes (measured K^{p_init:.2f}).")
+    else:
+        text += (f"Neither law holds cleanly: the fitted exponent {p_init:.2f} is nearer {by_fit}, while the "
+                 f"coherent term puts {sum(r['law'] == 'K^-1/2' for r in init)} of {len(init)} depths under "
+                 "K^-1/2.")
+    trained = [r for r in rows if r["when"] == "trained"]
+    if trained:
+        text += " After training (Pre-LN): " + "; ".join(
+            f"{count(r['layers'], 'layer')}, mean pairwise cosine {r['mean_pairwise_cosine']:.3f} (coherent term "
+            f"{r['coherent_term']:.2f}, the {r['law']} law), share {r['mean_share']:.3f} measured, "
+            f"{r['share_from_cosine']:.3f} predicted, {r['K^-1/2']:.3f} under K^-1/2, {r['1/K']:.3f} under 1/K"
+            for r in trained) + "."
+        trained_laws = {r["law"] for r in trained}
+        if trained_laws == {"1/K"}:
+            text += (" Training aligns the contributions: their coherent term exceeds 1 at every trained depth, the "
+                     "regime of the seed's 1/L" + (", which describes the trained net, not the one at initialisation."
+                                                   if by_cos == {"K^-1/2"} else "."))
+        elif trained_laws == {"K^-1/2"}:
+            text += " The trained contributions stay near-orthogonal: K^-1/2 holds after training too."
+    return text
+
+
+def _plot_law(rows: list[dict], ctx: Context) -> str:
+    """Mean share against K with what the measured cosine predicts and the two laws; the cosine against K."""
+    fig, (a1, a2) = new_figure(2, width=5, height=4.2)
+    whens = [w for w in ("init", "trained") if any(r["when"] == w for r in rows)]
+    styles = series_styles([f"{w}: measured" for w in whens] + [f"{w}: predicted from cosine" for w in whens])
+    label = {"init": "at init", "trained": "trained"}
+    for w in whens:
+        rs = [r for r in rows if r["when"] == w]
+        k = [r["components"] for r in rs]
+        a1.plot(k, [r["mean_share"] for r in rs], label=f"{label[w]}: measured", **styles[f"{w}: measured"])
+        a1.plot(k, [r["share_from_cosine"] for r in rs], label=f"{label[w]}: predicted from the cosine",
+                **{**styles[f"{w}: predicted from cosine"], "linestyle": "none", "markerfacecolor": "none",
+                   "markersize": 8})
+        a2.plot(k, [r["mean_pairwise_cosine"] for r in rs], label=label[w], **styles[f"{w}: measured"])
+    ks = np.array(sorted({r["components"] for r in rows}), float)
+    grid = np.geomspace(ks[0], ks[-1], 50) if len(ks) > 1 else ks
+    a1.plot(grid, 1 / np.sqrt(grid), "k-.", label="K^-1/2 (orthogonal, rho = 0)")
+    a1.plot(grid, 1 / grid, "k:", label="1/K (coherent, rho = 1: the claimed 1/L)")
+    a1.set(xlabel="components K = 2L + 1", ylabel="mean share E||c_j|| / ||x_final||",
+           title="Pre-LN: which law the shares follow")
+    log_axis(a1, "x", ticks=ks)
+    log_axis(a1)
+    legend_below(a1)
+    a2.plot(grid, 1 / (grid - 1), "k:", label="1/(K-1): coherent term (K-1) rho = 1")
+    a2.axhline(0, color="0.6", linewidth=0.8)
+    a2.set(xlabel="components K = 2L + 1", ylabel="mean pairwise cosine rho of the contributions",
+           title="Pre-LN: how coherently the contributions add")
+    log_axis(a2, "x", ticks=ks)
+    legend_below(a2)
+    return ctx.save_figure(fig, "dilution_ablation.png")
 
 
 def _weight_checks(alphas: list, gains: dict, deep: int) -> list[dict]:
@@ -181,7 +299,8 @@ def _plot_weights(alphas: dict, dwa: dict, gains: dict, deep: int, ctx: Context)
             lim = float(np.abs(m).max())
             im = ax.imshow(np.ma.masked_where(np.triu(np.ones_like(m), 1) > 0, m), aspect="auto", cmap="coolwarm",
                            vmin=-lim, vmax=lim)
-            ax.set(xlabel="source X_j: output of layer j (0 = embedding)", ylabel="Y_i, the average taken after layer i")
+            ax.set(xlabel="source X_j: output of layer j (0 = embedding)",
+                   ylabel="Y_i, the average taken after layer i")
             ax.figure.colorbar(im, ax=ax, label="weight alpha_ij")
         elif key == "gain":
             for s, g in gains.items():
