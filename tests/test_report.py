@@ -179,3 +179,23 @@ def test_report_of_a_folder_without_a_reproduction_is_one_line(tmp_path, capsys,
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("verdict,title", [("partly reproduced", "Why not fully reproduced"),
+                                           ("reproduced", "Ablation")])
+def test_the_ablation_is_titled_by_the_verdict_it_explains(tmp_path, verdict, title):
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4])
+    (tmp_path / "claims" / "dilution").mkdir(parents=True)
+    fig.savefig(tmp_path / "claims" / "dilution" / "cause.png")
+    plt.close(fig)
+    _claim(tmp_path, "dilution", "quick", verdict=verdict,
+           ablation={"text": "mean pairwise cosine 0.02: the K^-1/2 law", "table": [{"K": 5, "cosine": 0.02}],
+                     "figures": ["cause.png"]},
+           recipe=[{"": "data", "published": "CIFAR-10", "ours": "mnist1d"}])
+    md_path, html_path = render(tmp_path)
+    md, page = md_path.read_text(), _html(html_path)
+    assert f"### {title}\n" in md and "the K^-1/2 law" in md and "![cause.png](claims/dilution/cause.png)" in md
+    assert f"<h3>{title}</h3>" in html_path.read_text()
+    assert ["", "published", "ours"] in page.tables[1] and ["K", "cosine"] in page.tables[-1]
+    assert html_path.read_text().count("data:image/png;base64,") == 1

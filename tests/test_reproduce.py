@@ -9,7 +9,7 @@ import pytest
 from reslab import runs
 from reslab.cli import main
 from reslab.experiments import get_claim, list_claims
-from reslab.experiments.base import VERDICTS, Context
+from reslab.experiments.base import RECIPE_ROWS, VERDICTS, Context
 
 
 def test_reproduce_smoke_end_to_end_and_rerun_skips_finished_runs(tmp_path, capsys):
@@ -22,9 +22,20 @@ def test_reproduce_smoke_end_to_end_and_rerun_skips_finished_runs(tmp_path, caps
         assert f"`{c.name}`" in (out / "report.md").read_text()
     claim = runs.read_json(out / "claims" / "degradation" / "claim.json")
     assert claim["verdict"] in VERDICTS
+    # The recipe rows: the paper's beside ours, ours from the configs and the steps the runs really trained.
+    for c in list_claims():
+        recipe = runs.read_json(out / "claims" / c.name / "claim.json")["recipe"]
+        assert [r[""] for r in recipe] == list(RECIPE_ROWS)
+        assert recipe[0]["published"] and recipe[0]["ours"] and recipe[-1]["ours"]
+        assert all(r["ours"] for r in recipe) or not c.runs("smoke")
+    steps = {runs.read_json(out / "runs" / r / "result.json")["final"]["step"]
+             for r in get_claim("degradation").runs("smoke")}
+    training = next(r["ours"] for r in claim["recipe"] if r[""] == "training")
+    assert f"{min(steps):,}" in training and "SGD" in next(r["ours"] for r in claim["recipe"] if r[""] == "optimiser")
     assert (out / "claims" / "degradation" / "degradation.png").stat().st_size > 1000
     md = (out / "report.md").read_text()
     assert "Verdict:" in md and claim["verdict"] in md and "28.54" in md
+    assert md.count("### Recipe: published and ours") == len(list_claims())
     html = (out / "report.html").read_text()
     assert "<img" in html and "data:image/png;base64," in html
     assert md.count("smoke test of the pipeline, not evidence") >= 2 * len(list_claims())  # summary and section

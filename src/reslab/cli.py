@@ -10,6 +10,7 @@ import argparse
 import ast
 import math
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
@@ -239,6 +240,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
         check_reuse(claims, args.profile, larger, args.budget)
     note = f" ({SMOKE_NOTE})" if args.profile == "smoke" else ""
     for claim in claims:
+        start = time.perf_counter()
         verdict = run_claim(claim, args.profile, out, jobs=args.jobs, quiet=args.quiet).verdict
         if args.budget > 1:
             run_claim(claim, args.profile, larger, jobs=args.jobs, quiet=args.quiet, budget=args.budget)
@@ -246,7 +248,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
             rec = compare_budgets(out, larger, claim, args.budget)
             verdict = (f"{rec['verdict']} (1x: {rec['budget']['verdict_1x']}, {args.budget}x: "
                        f"{rec['budget'][f'verdict_{args.budget}x']})")
-        print(f"{claim.name}: {verdict}{note}")
+        print(f"{claim.name}: {verdict}{note} [{time.perf_counter() - start:.0f} s]")
     md, html = render(out)
     print(f"report: {md} and {html}")
 

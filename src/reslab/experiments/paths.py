@@ -1,11 +1,14 @@
 """Short effective paths: most gradient flows through paths far shorter than the nominal depth
 (Veit et al. 2016, section 5; REFERENCE.md section 3).
 
-Residual MLPs with 8, 16, 32 and 64 blocks (quick profile) are trained with the degradation claim's recipe;
+Residual MLPs with 3, 9, 27 and 54 blocks (quick profile: the degradation claim's nets of depth 8, 20 and 56,
+shared, and depth 110, Veit et al.'s ResNet-110 block count) are trained with the degradation claim's recipe;
 on a batch of 64 training samples we measure the gradient per path length both exactly (the polynomial
 coefficients ``||c_k||``, which include cancellation between paths) and with Veit et al.'s sampling estimate
 (mean single-path norm times ``C(n, k)``), their effective depths (gradient-weighted mean path length) and the
-range of lengths holding 90% of the gradient, then fit ``effective depth ~ a n^p`` over the depths.
+range of lengths holding 90% of the gradient, then fit ``effective depth ~ a n^p`` over the depths. The check
+against the binomial mean ``n/2`` is made at the deepest net, as Veit et al.'s statement is (a 3-block net uses its
+whole depth; that says nothing about deep nets).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from reslab.experiments.base import (Claim, ClaimResult, Context, check, eval_ba
                                      register_claim, verdict_of)
 from reslab.report.plots import integer_axis, legend_below, log_axis, new_figure
 
-BLOCKS = {"smoke": (2, 4), "quick": (8, 16, 32, 64), "full": (8, 16, 32, 64, 128)}
+#: residual blocks per net: the degradation claim's depths (shared runs) and Veit et al.'s 54 (ResNet-110)
+BLOCKS = {"smoke": (1, 3), "quick": (3, 9, 27, 54), "full": (3, 9, 15, 27, 54)}
 SAMPLES = {"smoke": 5, "quick": 10, "full": 200}
 VARIANTS = ("residual", "residual-zero-init")
 
@@ -54,15 +58,17 @@ def analyse(ctx: Context) -> ClaimResult:
             table.append({"variant": degradation.LABELS[v], "blocks": n, "effective_depth_exact": float(eff[j].mean()),
                           "sd": float(eff[j].std(ddof=1)), "effective_depth_veit": float(veit[j].mean()),
                           "binomial_mean": n / 2, "90%_range_exact_seed0": f"{lo}-{hi}"})
-        per_seed = [_fit(np.array(blocks, float), eff[:, s])[0] for s in range(eff.shape[1])]
+        sizes = np.array(blocks, float)
+        per_seed = [_fit(sizes, eff[:, s])[0] for s in range(eff.shape[1])]
         p_mean, p_sd = float(np.mean(per_seed)), float(np.std(per_seed, ddof=1))
-        fits[v] = (p_mean, p_sd, _fit(np.array(blocks, float), eff.mean(1)), _fit(np.array(blocks, float), veit.mean(1)))
-        ratio = float((eff.mean(1) / np.array(blocks)).max())
-        checks.append(check(f"{degradation.LABELS[v]}: exact effective depth below n/2 at every depth "
-                            "(largest effective depth / n)", ratio, ratio < 0.5))
+        fits[v] = (p_mean, p_sd, _fit(sizes, eff.mean(1)), _fit(sizes, veit.mean(1)))
+        ratio = float(eff[-1].mean() / blocks[-1])  # Veit et al.'s statement is about their deepest net
+        checks.append(check(f"{degradation.LABELS[v]}, {blocks[-1]} blocks: exact effective depth below the "
+                            "binomial mean n/2 (effective depth / n)", ratio, ratio < 0.5))
         upper = p_mean + 2 * p_sd / np.sqrt(len(per_seed))
         checks.append(check(f"{degradation.LABELS[v]}: effective depth grows sublinearly (fitted exponent p, "
-                            "mean over seeds; passes if p + 2 SE < 1)", p_mean, upper < 1, se=p_sd / np.sqrt(len(per_seed))))
+                            "mean over seeds; passes if p + 2 SE < 1)", p_mean, upper < 1,
+                            se=p_sd / np.sqrt(len(per_seed))))
     core = [c["passed"] for c in checks]
     verdict = verdict_of(core)
     summary = ("Effective path length (exact, mean over seeds) at " + ", ".join(map(str, blocks)) + " blocks: "
@@ -126,4 +132,5 @@ CLAIM = register_claim(Claim(
     analyse=analyse,
     paper=dict(degradation.HE_CIFAR, model="ResNet-110 (54 residual blocks); the gradient per path length is "
                "estimated by sampling paths (about 1,000 per length)"),
+    ours=lambda profile: degradation.MLP_NOTES,
 ))
