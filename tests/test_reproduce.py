@@ -31,7 +31,8 @@ def test_reproduce_smoke_end_to_end_and_rerun_skips_finished_runs(tmp_path, caps
     steps = {runs.read_json(out / "runs" / r / "result.json")["final"]["step"]
              for r in get_claim("degradation").runs("smoke")}
     training = next(r["ours"] for r in claim["recipe"] if r[""] == "training")
-    assert f"{min(steps):,}" in training and "SGD" in next(r["ours"] for r in claim["recipe"] if r[""] == "optimiser")
+    ours = {r[""]: r["ours"] for r in claim["recipe"]}
+    assert f"{min(steps):,}" in training and "SGD" in ours["optimiser"] and ours["weight decay"] == "1e-4"
     assert (out / "claims" / "degradation" / "degradation.png").stat().st_size > 1000
     md = (out / "report.md").read_text()
     assert "Verdict:" in md and claim["verdict"] in md and "28.54" in md

@@ -189,6 +189,11 @@ def _unique(values: Any) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
+def _rate(v: float) -> str:
+    """``1e-4`` rather than ``0.0001``, ``0.1`` as it is."""
+    return f"{v:.0e}".replace("e-0", "e-") if 0 < v < 1e-3 else f"{v:g}"
+
+
 def _schedule(cfg: TrainConfig) -> str:
     s = {"constant": "constant", "cosine": "cosine to zero",
          "step": f"x{cfg.gamma:g} at " + ", ".join(
@@ -221,7 +226,7 @@ def our_recipe(specs: dict[str, TrainConfig], runs_dir: Path) -> dict[str, str]:
              + ("; last BN of each branch zero-initialised in some runs" if len(zero) > 1
                 else "; last BN of each branch zero-initialised" if zero[0] else ""))
     optimiser = " / ".join(_unique(
-        f"{c.optimizer.upper() if c.optimizer == 'sgd' else c.optimizer.capitalize().replace('w', 'W')}, lr {c.lr:g}"
+        f"{c.optimizer.upper() if c.optimizer == 'sgd' else c.optimizer.capitalize().replace('w', 'W')}, lr {_rate(c.lr)}"
         + (f", momentum {c.momentum:g}" + (" (Nesterov)" if c.nesterov else "") if c.optimizer == "sgd" else "")
         + f", batch {c.batch_size}" for c in cfgs))
     steps = sorted(_unique(int(runs.read_json(p)["final"]["step"]) for rid in specs
@@ -230,10 +235,10 @@ def our_recipe(specs: dict[str, TrainConfig], runs_dir: Path) -> dict[str, str]:
     trained = (f"{steps[0]:,}" if len(steps) == 1 else f"{steps[0]:,}-{steps[-1]:,}") if steps else "?"
     epochs = " / ".join(str(e) for e in _unique(c.epochs for c in cfgs))
     return {"data": "; ".join(data), "model": model, "optimiser": optimiser,
-            "weight decay": " / ".join(_unique(f"{c.weight_decay:g}" if c.weight_decay else "none" for c in cfgs)),
+            "weight decay": " / ".join(_unique(_rate(c.weight_decay) if c.weight_decay else "none" for c in cfgs)),
             "schedule": " / ".join(_unique(_schedule(c) for c in cfgs)),
-            "training": f"{epochs} epoch(s), {trained} steps per run (measured); {len(cfgs)} runs over "
-                        f"{len(_unique(c.seed for c in cfgs))} seeds"}
+            "training": f"{epochs} epoch{'s' if epochs != '1' else ''}, {trained} steps per run (measured); "
+                        f"{len(cfgs)} runs over {len(_unique(c.seed for c in cfgs))} seeds"}
 
 
 def recipe_table(claim: Claim, profile: str, specs: dict[str, TrainConfig], runs_dir: Path) -> list[dict[str, str]]:
