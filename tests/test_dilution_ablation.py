@@ -141,3 +141,16 @@ def test_smoke_run_writes_the_ablation(tmp_path):
     table = {(r["when"], r["layers"]): r["mean_share"] for r in result.table if r["scheme"] == "Pre-LN"}
     assert all(r["mean_share"] == pytest.approx(table[(r["when"], r["layers"])]) for r in ab["table"])
     assert all(f"{r['mean_share']:.3f}" in ab["text"] for r in ab["table"])
+
+
+def test_where_weights_sit_on_analytic_sites():
+    from reslab.experiments.dilution import where_weights_sit
+
+    diagonal = [np.eye(s)[-1] for s in (2, 3, 5)]  # every site puts all its weight on the latest source
+    w = where_weights_sit(diagonal)
+    assert (w["latest"], w["embedding"], w["other"]) == (1.0, 0.0, 0.0)
+    assert w["entropy"] == pytest.approx(0.0, abs=1e-12) and w["peak"] == pytest.approx(np.mean([2, 3, 5]))
+    uniform = [np.full(s, 1 / s) for s in (2, 4)]
+    assert where_weights_sit(uniform)["entropy"] == pytest.approx(1.0) and where_weights_sit(uniform)["peak"] == 1
+    middle = where_weights_sit([np.array([0.1, 0.8, 0.1])])
+    assert middle["other"] == 1.0 and middle["peak"] == pytest.approx(2.4)
