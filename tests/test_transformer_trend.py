@@ -74,6 +74,10 @@ def test_smoke_claim_has_the_trend_as_its_ablation(tmp_path):
     assert len(slopes) == (len(transformers.TREND_SCHEMES) - 1) * len(p["depths"])
     assert all(np.isfinite(r["gap to Pre-LN (bits/char)"]) for r in a["table"])
     assert "large-scale result" in a["text"] and "Block AttnRes, 2 layers" in a["text"]
+    # the gradient check is followed over the same budgets; at the full budget it is the check's own number
+    grad = next(c for c in result.checks if c["check"].startswith("gradients more uniform"))
+    sentence = a["text"][a["text"].index("The gradient check at the same budgets"):]
+    assert sentence.split("Block AttnRes ")[1].split(":")[0].split(", ")[-1] == f"{grad['value']:.3f}"
     # the claim's own table and figures stay on the profile's budget: one row per scheme and depth
     assert len(result.table) == len(transformers.SCHEMES) * len(p["depths"])
     assert result.figures == ["bpc.png", "depth_dynamics.png"]

@@ -365,7 +365,25 @@ def trend_ablation(ctx: Context) -> dict[str, Any]:
             f"tokens for its 48B model); our budgets ({tokens[0]:,} to {tokens[-1]:,} tokens) can confirm or refute "
             "it only as a trend: a gap that falls with tokens is consistent with it, one that is flat or rises is "
             "not, at our scale.")
-    return ablation(text, table=rows, figures=[_plot_trend(trend, p["depths"], ctx)])
+    return ablation(text + _gradient_trend(ctx), table=rows, figures=[_plot_trend(trend, p["depths"], ctx)])
+
+
+def _gradient_trend(ctx: Context) -> str:
+    """The gradient-uniformity check at every trend budget: the coefficient of variation over depth of
+    ``||dL/dx_i||`` (its mean over seeds) for Pre-LN and Block AttnRes at the deepest depth, on the batch
+    :func:`measure` uses."""
+    p = PROFILE[ctx.profile]
+    deep, shares = p["depths"][-1], sorted((*TREND_SHARES, 1), reverse=True)
+    x, y, _ = eval_batch(next(iter(ctx.specs.values())).data, 32, split="test")
+    cv = {(s, sh): _cv(np.mean([gradient_profile(load_trained(ctx, run_id(s, deep, sd, sh))[0], x, y,
+                                                 train_mode=False).stream for sd in p["seeds"]], 0))
+          for s in ("preln", "block_attnres") for sh in shares}  # as the check: the CV of the seeds' mean profile
+    more = sum(cv[("block_attnres", sh)] < cv[("preln", sh)] for sh in shares)
+    return (f" The gradient check at the same budgets ({count(deep, 'layer')}; coefficient of variation of "
+            "the seeds' mean ||dL/dx_i|| over depth, at " + ", ".join(f"1/{sh}" if sh > 1 else "all" for sh in shares)
+            + " of the windows): Pre-LN " + ", ".join(f"{cv[('preln', sh)]:.3f}" for sh in shares)
+            + "; Block AttnRes " + ", ".join(f"{cv[('block_attnres', sh)]:.3f}" for sh in shares)
+            + f": Block AttnRes's gradients are the more uniform at {more} of {len(shares)} budgets.")
 
 
 def _steps(ctx: Context) -> int:
