@@ -189,6 +189,9 @@ def _unique(values: Any) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
+_OPTIMISERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
+
+
 def _rate(v: float) -> str:
     """``1e-4`` rather than ``0.0001``, ``0.1`` as it is."""
     return f"{v:.0e}".replace("e-0", "e-") if 0 < v < 1e-3 else f"{v:g}"
@@ -226,7 +229,7 @@ def our_recipe(specs: dict[str, TrainConfig], runs_dir: Path) -> dict[str, str]:
              + ("; last BN of each branch zero-initialised in some runs" if len(zero) > 1
                 else "; last BN of each branch zero-initialised" if zero[0] else ""))
     optimiser = " / ".join(_unique(
-        f"{c.optimizer.upper() if c.optimizer == 'sgd' else c.optimizer.capitalize().replace('w', 'W')}, lr {_rate(c.lr)}"
+        f"{_OPTIMISERS[c.optimizer]}, lr {_rate(c.lr)}"
         + (f", momentum {c.momentum:g}" + (" (Nesterov)" if c.nesterov else "") if c.optimizer == "sgd" else "")
         + f", batch {c.batch_size}" for c in cfgs))
     steps = sorted(_unique(int(runs.read_json(p)["final"]["step"]) for rid in specs
