@@ -21,7 +21,7 @@ from reslab import runs
 # The closing summary table of the text the claims are quoted from; each row lists the claims that measure it.
 SUMMARY_ROWS = [
     ("Identity default", "Easy optimization, layers learn perturbations", "Uniform aggregation, no prioritization",
-     ["degradation", "responses", "dilution"]),
+     ["degradation", "responses", "dilution", "shortcuts"]),
     ("Gradient highway", "Gradients flow unattenuated to any depth", "", ["gradient_highway"]),
     ("Implicit ensemble (2^L paths)", "Robustness, graceful degradation", "Effective depth much less than nominal",
      ["ensemble", "paths"]),
