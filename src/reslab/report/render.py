@@ -204,7 +204,8 @@ def markdown(meta: dict[str, str], summary: list[dict[str, Any]], secs: list[dic
 
 _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
           "table{border-collapse:collapse;margin:1em 0;display:block;overflow-x:auto;max-width:100%}"
-          "td,th{border:1px solid #bbb;padding:3px 8px;font-size:0.9em;vertical-align:top}th{background:#eee}img{max-width:100%}.smoke{color:#a04000}"
+          "td,th{border:1px solid #bbb;padding:3px 8px;font-size:0.9em;vertical-align:top}th{background:#eee}"
+          "img{max-width:100%}.smoke{color:#a04000}"
           "p.banner{border:2px solid #a04000;background:#fff4e8;padding:0.6em 1em}")
 
 _TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
