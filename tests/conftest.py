@@ -61,5 +61,7 @@ def tiny_output_shape(name: str, batch: int = 6) -> tuple[int, ...]:
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
-    """Never touch the user's data cache from tests."""
+    """Never touch the user's data cache from tests, nor find a CIFAR archive of theirs (which would switch the conv
+    claims' full profile to CIFAR-10)."""
     monkeypatch.setenv("RESLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("RESLAB_DATA", str(tmp_path_factory.getbasetemp() / "no-data"))

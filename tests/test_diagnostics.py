@@ -17,7 +17,7 @@ from reslab.diagnostics.gradients import gradient_profile
 from reslab.diagnostics.lesion import kendall_tau, lesion_random, lesion_reorder, lesion_single, random_swaps
 from reslab.diagnostics.responses import response_magnitudes
 from reslab.diagnostics.stream import stream_profile
-from reslab.diagnostics.update_size import effective_update_size
+from reslab.diagnostics.update_size import effective_update_size, update_sizes
 from reslab.models.base import ResidualNet
 
 D = 5
@@ -172,3 +172,32 @@ def test_update_size_equals_a_real_step_on_one_block(optimizer):
         opt.step()
         ref = float((other(x).detach() - f0).norm() / f0.norm())
         assert sizes[i] == pytest.approx(ref, rel=1e-3)
+
+
+@pytest.mark.parametrize("residual", ["identity", "scaled", "block_attnres"])
+def test_update_sizes_at_the_stream_equal_a_real_step(residual):
+    """``at="stream"`` measures the trunk's output; ``whole`` is one SGD step on every branch at once, and
+    ``share`` the per-block size over it."""
+    torch.manual_seed(0)
+    net = reslab.create_model("preact_mlp10", residual, width=8, norm="ln", input_shape=(6,)).eval()
+    x, y = torch.randn(32, 6), torch.randint(0, 10, (32,))
+    got = update_sizes(net, x, y, lr=0.05, optimizer="sgd", at="stream")
+
+    def stream(m):
+        return m.trunk(m.stem(x)).detach()
+
+    s0 = stream(net)
+
+    def stepped(blocks):
+        other = copy.deepcopy(net)
+        params = [p for i in blocks for p in other.trunk.branches[i].parameters()]
+        F.cross_entropy(other(x), y).backward()
+        torch.optim.SGD(params, lr=0.05).step()
+        return float((stream(other) - s0).norm() / s0.norm())
+
+    for i in range(len(net.trunk)):
+        assert got.per_block[i] == pytest.approx(stepped([i]), rel=1e-3)
+    assert got.whole == pytest.approx(stepped(range(len(net.trunk))), rel=1e-3)
+    assert np.allclose(got.share, got.per_block / got.whole)
+    with pytest.raises(ValueError, match="at must be"):
+        update_sizes(net, x, y, at="logits")

@@ -138,6 +138,30 @@ def verdict_of(passed: Sequence[bool]) -> str:
     return "reproduced" if all(passed) else "partly reproduced" if any(passed) else "not reproduced"
 
 
+def cifar_present() -> bool:
+    """Whether a local CIFAR-10 archive is where ``cifar10`` looks by default (``$RESLAB_DATA`` or ``./data``)."""
+    from reslab.data.cifar import resolve_dir
+
+    try:
+        resolve_dir("cifar10", None)
+    except ValueError:
+        return False
+    return True
+
+
+def conv_setting(profile: str, table: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A conv-net claim's setting for ``profile`` from its ``table`` (data ``digits`` unless it says otherwise):
+    ``full`` becomes the table's ``full_cifar`` entry (CIFAR-10 at He et al.'s depth and schedule) when a local
+    CIFAR-10 archive is present (:func:`cifar_present`)."""
+    key = "full_cifar" if profile == "full" and "full_cifar" in table and cifar_present() else profile
+    return {"data": "digits", **table[key]}
+
+
+#: He et al.'s CIFAR-10 training, for the ``full_cifar`` settings: 64k iterations of batch 128 = 164 epochs of
+#: 50,000 images (the rate / 10 at 50% and 75%: 32k and 48k iterations, the family's recipe)
+CIFAR_EPOCHS = 164
+
+
 def load_trained(ctx: "Context", rid: str) -> tuple[Any, TrainConfig]:
     """The trained model of run ``rid`` (eval mode, CPU) and its config."""
     from reslab.train import load_model

@@ -32,8 +32,8 @@ from reslab.diagnostics.lesion import LesionResult, deletable, lesion_study
 from reslab.diagnostics.recorder import record, sample_norms, trunk_of
 from reslab.diagnostics.responses import response_magnitudes
 from reslab.experiments import degradation
-from reslab.experiments.base import (Claim, ClaimResult, Context, ablation, check, eval_batch, load_trained,
-                                     register_claim)
+from reslab.experiments.base import (CIFAR_EPOCHS, Claim, ClaimResult, Context, ablation, check, conv_setting,
+                                     eval_batch, load_trained, register_claim)
 from reslab.report.plots import integer_axis, legend_below, log_axis, new_figure
 from reslab.train import TrainConfig
 
@@ -54,6 +54,7 @@ CONV: dict[str, dict[str, int]] = {
     "smoke": dict(depth=14, seeds=3, epochs=3),
     "quick": dict(depth=20, seeds=3, epochs=15),
     "full": dict(depth=56, seeds=5, epochs=30),
+    "full_cifar": dict(depth=110, seeds=5, epochs=CIFAR_EPOCHS, data="cifar10"),  # Veit et al.'s ResNet-110
 }
 #: conv variants (run-id prefix ``conv-``, so they never collide with the MLP variants) and their schemes
 CONV_VARIANTS = {"conv-residual": "identity", "conv-plain": "plain"}
@@ -79,11 +80,11 @@ def is_conv(rid: str) -> bool:
 
 
 def conv_runs(profile: str) -> dict[str, TrainConfig]:
-    """The conv runs ``conv-VARIANT-dDEPTH-sSEED``: the ``resnet`` family's recipe on digits, at the profile's
-    epochs."""
-    p = CONV[profile]
+    """The conv runs ``conv-VARIANT-dDEPTH-sSEED``: the ``resnet`` family's recipe on digits (CIFAR-10 in ``full``
+    when it is present, :func:`base.conv_setting`), at the profile's epochs."""
+    p = conv_setting(profile, CONV)
     return {conv_id(v, p["depth"], seed): TrainConfig.for_model(f"resnet{p['depth']}", residual=scheme,
-                                                                epochs=p["epochs"], seed=seed)
+                                                                epochs=p["epochs"], seed=seed, data=p["data"])
             for v, scheme in CONV_VARIANTS.items() for seed in range(p["seeds"])}
 
 
@@ -239,7 +240,8 @@ def analyse(ctx: Context) -> ClaimResult:
                + ", ".join(f"{LABELS[v]} {_rise(res[(v, hi)]):.1f} points" for v in degradation.VARIANTS)
                + f"; at depth {lo}: " + ", ".join(f"{LABELS[v]} {_rise(res[(v, lo)]):.1f} points"
                                                   for v in degradation.VARIANTS)
-               + f". Chance error is {chance:.0f}%. Conv nets of depth {dc} (digits, lesioned on {len(yc)} held-out "
+               + f". Chance error is {chance:.0f}%. Conv nets of depth {dc} ({ctx.specs[conv_ids[0]].data}, "
+               f"lesioned on {len(yc)} held-out "
                f"images; {len(conv_res[0].ordinary)} ordinary blocks and the downsampling blocks "
                f"{', '.join(map(str, ds))}): conv residual {100 * np.mean([r.lesion.baseline for r in conv_res]):.1f}% "
                f"error intact; deleting one ordinary block adds {_rise(conv_res, ordinary=True):.1f} points on average "
@@ -322,7 +324,9 @@ def _ablation(res: dict, depths: list[int], dc: int, ctx: Context) -> dict[str, 
     hi = depths[-1]
     nets = [(v, d) for v in MLP_RESIDUAL for d in depths] + [(v, dc) for v in CONV_VARIANTS]
     cat = {k: {m: np.concatenate([getattr(r, m) for r in res[k]]) for m in ("rises", *SIZES)} for k in nets}
-    table = [{"net": "conv (digits)" if v in CONV_VARIANTS else "MLP (MNIST-1D)", "variant": LABELS[v], "depth": d,
+    conv_data = ctx.specs[conv_id("conv-residual", dc, 0)].data
+    table = [{"net": f"conv ({conv_data})" if v in CONV_VARIANTS else "MLP (MNIST-1D)", "variant": LABELS[v],
+              "depth": d,
               "blocks": len(res[(v, d)][0].lesion.single),
               "error rise, one block deleted, mean (points)": float(c["rises"].mean()),
               "response std, mean": float(c["response"].mean()),

@@ -22,11 +22,11 @@ from reslab import runs
 SUMMARY_ROWS = [
     ("Identity default", "Easy optimization, layers learn perturbations", "Uniform aggregation, no prioritization",
      ["degradation", "responses", "dilution", "shortcuts"]),
-    ("Gradient highway", "Gradients flow unattenuated to any depth", "", ["gradient_highway"]),
+    ("Gradient highway", "Gradients flow unattenuated to any depth", "", ["gradient_highway", "preactivation"]),
     ("Implicit ensemble (2^L paths)", "Robustness, graceful degradation", "Effective depth much less than nominal",
      ["ensemble", "paths"]),
     ("Additive accumulation", "Simple, parameter-free", "O(L) norm growth, signal dilution at scale",
-     ["growth", "dilution", "transformers"]),
+     ["growth", "dilution", "transformers", "lr_sensitivity"]),
 ]
 SUMMARY_TITLE = "Summary: the properties of residual connections, with our measured verdicts"
 SUMMARY_HEADER = ["Property", "Benefit", "Limitation", "Measured (verdict per claim)"]
