@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reslab.experiments import ensemble, shortcuts
+from reslab.experiments import ensemble, preactivation, shortcuts
 from reslab.experiments.base import CIFAR_EPOCHS, cifar_present
 from reslab.train import train
 
@@ -34,7 +34,7 @@ def archive(tmp_path, monkeypatch):
 
 
 def _conv_plans(profile):
-    return {**ensemble.conv_runs(profile), **{k: v for k, v in shortcuts.plan(profile).items()}}
+    return {**ensemble.conv_runs(profile), **shortcuts.plan(profile), **preactivation.plan(profile)}
 
 
 def test_without_an_archive_full_stays_on_digits():
@@ -46,14 +46,16 @@ def test_with_an_archive_full_trains_resnet110_on_cifar10(archive):
     assert cifar_present()
     plans = _conv_plans("full")
     assert {c.data for c in plans.values()} == {"cifar10"}
-    assert {c.model for c in plans.values()} == {"resnet110"}
+    assert {c.model for c in plans.values()} == {"resnet56", "resnet110"}  # preactivation's two depths
     assert {c.epochs for c in plans.values()} == {CIFAR_EPOCHS}
     # He et al.'s optimiser and steps: SGD 0.1, momentum 0.9, wd 1e-4, / 10 at 50% and 75% (32k and 48k of 64k)
     cfg = plans["conv-residual-d110-s0"]
     assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.milestones) == ("sgd", 0.1, 0.9, 1e-4,
                                                                                        [0.5, 0.75])
-    shared = set(ensemble.conv_runs("full")) & set(shortcuts.plan("full"))
-    assert shared and all(ensemble.conv_runs("full")[r] == shortcuts.plan("full")[r] for r in shared)
+    ens, sc, pre = ensemble.conv_runs("full"), shortcuts.plan("full"), preactivation.plan("full")
+    residual = {r for r in ens if r.startswith("conv-residual-")}
+    assert residual <= set(sc) & set(pre)  # the original ResNet-110 is trained once, for all three claims
+    assert all(ens[r] == sc[r] == pre[r] for r in residual)
     # the quick profile never changes with an archive present
     assert {c.data for c in _conv_plans("quick").values()} == {"digits"}
 

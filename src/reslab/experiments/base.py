@@ -120,12 +120,47 @@ def differs(name: str, a: Sequence[float], b: Sequence[float], expect: str, floo
     ``expect="higher"`` passes when ``b`` exceeds ``a`` by more than the margin; ``"not higher"`` when it does
     not; ``"lower"`` when ``b`` is below ``a`` by more than the margin.
     """
-    a_, b_ = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    se = math.sqrt(a_.var(ddof=1) / len(a_) + b_.var(ddof=1) / len(b_)) if min(len(a_), len(b_)) > 1 else 0.0
-    diff = float(b_.mean() - a_.mean())
+    se = pooled_se(a, b)
+    diff = float(np.mean(b) - np.mean(a))
     margin = max(2 * se, floor)
     passed = {"higher": diff > margin, "not higher": diff <= margin, "lower": diff < -margin}[expect]
     return {"check": name, "difference": diff, "se": se, "margin": margin, "passed": bool(passed)}
+
+
+def pooled_se(a: Sequence[float], b: Sequence[float]) -> float:
+    """The standard error of ``mean(b) - mean(a)`` for two independent groups of seeds (0 with a single seed)."""
+    if min(len(a), len(b)) < 2:
+        return 0.0
+    return math.sqrt(np.var(a, ddof=1) / len(a) + np.var(b, ddof=1) / len(b))
+
+
+def mean_sd(v: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard deviation over seeds (0 with a single seed)."""
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def run_measures(run: Path, chance: float) -> dict[str, Any]:
+    """A classification run's errors in %: over the run (mean over epochs of the training error during each epoch,
+    as the optimiser saw it), final training error (eval mode), final held-out error, and the training curve; a
+    diverged run counts as ``chance``."""
+    result = runs.read_json(run / "result.json")
+    metrics = runs.read_jsonl(run / "metrics.jsonl")
+    curve = [100 * m["train_error"] for m in metrics]
+    if result["status"] == "diverged" or not metrics:
+        return {"run": chance, "train": chance, "test": chance, "curve": curve, "diverged": True, "steps": 0}
+    last = metrics[-1]
+    return {"run": float(np.mean(curve)), "train": 100 * last.get("train_eval_error", last["train_error"]),
+            "test": 100 * last["test_error"], "curve": curve, "diverged": False, "steps": int(last.get("step", 0))}
+
+
+def initial_model(cfg: TrainConfig, data: Any) -> Any:
+    """Run ``cfg``'s model as its training started (its seed's initialisation), leaving the global RNG as it was."""
+    import torch
+
+    from reslab.train import build_model
+
+    with torch.random.fork_rng():
+        return build_model(cfg, data)
 
 
 def check(name: str, value: float, passed: bool, **numbers: float) -> dict[str, Any]:

@@ -58,23 +58,22 @@ from __future__ import annotations
 
 import math
 from itertools import combinations
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from reslab import runs
 from reslab.data import load_dataset
 from reslab.diagnostics.recorder import record, trunk_of
 from reslab.experiments import ensemble
-from reslab.experiments.base import (CIFAR_EPOCHS, Claim, ClaimResult, Context, ablation, check, conv_setting,
-                                     differs, load_trained, register_claim, verdict_of)
+from reslab.experiments.base import (CIFAR_EPOCHS, Claim, ClaimResult, Context, ablation, check, conv_setting, differs,
+                                     initial_model, load_trained, mean_sd, pooled_se, register_claim, run_measures,
+                                     verdict_of)
 from reslab.report.plots import integer_axis, legend_below, log_axis, new_figure, series_styles
 from reslab.residuals.base import ParameterFreeSkip
 from reslab.residuals.highway import GatedScheme
-from reslab.train import TrainConfig, build_model
+from reslab.train import TrainConfig
 
 #: depth of part 1 (options) and of part 2 (multiplicative shortcuts), seeds, epochs. quick and full share the
 #: ensemble claim's conv runs (:data:`ensemble.CONV`: depth, seeds and epochs must match it).
@@ -200,27 +199,6 @@ def plan(profile: str) -> dict[str, TrainConfig]:
     return out
 
 
-def _measures(run: Path, chance: float) -> dict[str, Any]:
-    """A run's training error over the run (mean over epochs of the training error during each epoch), final training
-    error (eval mode), final held-out error, all in %, and its training curve; a diverged run counts as chance."""
-    result = runs.read_json(run / "result.json")
-    metrics = runs.read_jsonl(run / "metrics.jsonl")
-    curve = [100 * m["train_error"] for m in metrics]
-    if result["status"] == "diverged" or not metrics:
-        return {"run": chance, "train": chance, "test": chance, "curve": curve, "diverged": True, "steps": 0}
-    last = metrics[-1]
-    return {"run": float(np.mean(curve)), "train": 100 * last.get("train_eval_error", last["train_error"]),
-            "test": 100 * last["test_error"], "curve": curve, "diverged": False, "steps": int(last.get("step", 0))}
-
-
-def _ms(v: list[float]) -> tuple[float, float]:
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
-
-
-def _se(a: list[float], b: list[float]) -> float:
-    return math.sqrt(np.var(a, ddof=1) / len(a) + np.var(b, ddof=1) / len(b)) if min(len(a), len(b)) > 1 else 0.0
-
-
 def options_check(errs: dict[str, list[float]], depth: int) -> list[dict[str, Any]]:
     """Part 1's two checks on the training error over the run.
 
@@ -236,7 +214,7 @@ def options_check(errs: dict[str, list[float]], depth: int) -> list[dict[str, An
     c1 = check(f"every shortcut option of resnet-{depth} trains better than its plain twin (smallest gap, option "
                f"{worst}, above max(2 SE, {FLOOR:g} points))", g["difference"], all(v["passed"] for v in gaps.values()),
                se=g["se"], margin=g["margin"])
-    pairs = {(a, b): (abs(float(np.mean(errs[a]) - np.mean(errs[b]))), _se(errs[a], errs[b]))
+    pairs = {(a, b): (abs(float(np.mean(errs[a]) - np.mean(errs[b]))), pooled_se(errs[a], errs[b]))
              for a, b in combinations(OPTIONS, 2)}
     top = max(pairs, key=lambda p: pairs[p][0] + 2 * pairs[p][1])
     upper = pairs[top][0] + 2 * pairs[top][1]
@@ -276,7 +254,7 @@ def analyse(ctx: Context) -> ClaimResult:
     d1, d2 = int(d1), int(d2)
     data = load_dataset(ctx.specs[by_net["A"][0]].data)
     chance = 100 * (1 - 1 / data.num_classes)
-    meas = {rid: _measures(ctx.run(rid), chance) for rid in ctx.specs}
+    meas = {rid: run_measures(ctx.run(rid), chance) for rid in ctx.specs}
     errs = {k: [meas[r]["run"] for r in v] for k, v in by_net.items()}
     final = {k: [meas[r]["train"] for r in v] for k, v in by_net.items()}
     test = {k: [meas[r]["test"] for r in v] for k, v in by_net.items()}
@@ -290,7 +268,7 @@ def analyse(ctx: Context) -> ClaimResult:
                "seeds": len(errs[k]), "parameters": params[k]}
         for what, v in (("training error over the run", errs[k]), ("final training error", final[k]),
                         ("held-out error", test[k])):
-            m, s = _ms(v)
+            m, s = mean_sd(v)
             row[f"{what}, mean (%)"], row[f"{what}, sd (%)"] = m, s
         row["diverged runs"] = sum(meas[r]["diverged"] for r in by_net[k])
         row["published error (%; 1: ImageNet ResNet-34, 2: CIFAR-10 ResNet-110)"] = net["published"]
@@ -329,11 +307,11 @@ def _points(ax: Any, keys: tuple[str, ...], errs: dict, test: dict) -> None:
     x = np.arange(len(keys))
     for i, k in enumerate(keys):
         st = STYLES[NETS[k]["label"]]
-        m, s = _ms(errs[k])
+        m, s = mean_sd(errs[k])
         ax.errorbar(i - 0.12, m, yerr=s, marker=st["marker"], color=st["color"], linestyle="none", capsize=3,
                     label=NETS[k]["label"])
         ax.scatter(np.full(len(errs[k]), i - 0.12), errs[k], s=8, color=st["color"], alpha=0.5, zorder=3)
-        m, s = _ms(test[k])
+        m, s = mean_sd(test[k])
         ax.errorbar(i + 0.12, m, yerr=s, marker=st["marker"], color=st["color"], markerfacecolor="none",
                     linestyle="none", capsize=3)
     ax.set_xticks(x, [SHORT[k] for k in keys], fontsize=7)
@@ -412,12 +390,6 @@ def _geomean(g: np.ndarray) -> float:
     return float(np.exp(np.mean(np.log(np.maximum(g, 1e-300)))))
 
 
-def _init_model(cfg: TrainConfig, data: Any) -> torch.nn.Module:
-    """The run's model as training started (its seed's initialisation), leaving the global RNG as it was."""
-    with torch.random.fork_rng():
-        return build_model(cfg, data)
-
-
 def _ablation(ctx: Context, by_net: dict, errs: dict, checks: list, depth: int, data: Any,
               steps: int) -> dict[str, Any]:
     x = data.prepare(data.x_test[:GAIN_SAMPLES[ctx.profile]], train=False)
@@ -427,7 +399,7 @@ def _ablation(ctx: Context, by_net: dict, errs: dict, checks: list, depth: int, 
     for k in PART2:
         init, trained = [], []
         for rid in by_net[k]:
-            init.append(path_gains(_init_model(ctx.specs[rid], data).train(), x))
+            init.append(path_gains(initial_model(ctx.specs[rid], data).train(), x))
             trained.append(path_gains(load_trained(ctx, rid)[0], x))
         gains[k] = {"init": np.mean([g[0] for g in init], 0), "trained": np.mean([g[0] for g in trained], 0)}
         per_block[k] = {"init": np.mean([g[1] for g in init], 0), "trained": np.mean([g[1] for g in trained], 0)}

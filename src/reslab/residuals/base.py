@@ -57,8 +57,10 @@ class ResidualScheme(nn.Module):
         specs: one :class:`BranchSpec` per branch, in depth order.
         shortcut: shortcut option (``"A"``, ``"B"``, ``"C"``, ``"D"``) for schemes that use one;
             ``None`` picks ``"A"`` (parameter-free) for them.
-        post: operation applied after the combination (``"relu"`` for the original post-activation
-            ResNet of He et al. 2015), or ``None``.
+        post: operation applied after the combination: ``"relu"`` (the original post-activation ResNet of He et
+            al. 2015), ``"bn_relu"`` (``relu(BN_i(y))`` with one BatchNorm per branch, owned by the scheme: He et
+            al. 2016's "BN after addition", Fig. 4(b)), or ``None``. A lesioned block leaves its skip path without
+            it (:meth:`skip`), for every post op.
         norm: where a normalisation sits on feature streams (transformers), one of :data:`NORM_PLACEMENTS`:
             ``"pre"`` normalises what each branch reads, ``x + F(N(x))`` (Pre-LN, Xiong et al. 2020);
             ``"post"`` normalises the stream after each combination, ``N(x + F(x))`` (Post-LN, Vaswani et al.
@@ -99,9 +101,12 @@ class ResidualScheme(nn.Module):
             self._identity = tuple(isinstance(m, nn.Identity) for m in self.shortcuts)
         else:
             self.shortcut_option = None
-        if post not in (None, "none", "relu"):
-            raise ValueError(f"unknown post-combination op {post!r}; expected 'relu' or None")
-        self.post_op = "relu" if post == "relu" else "none"
+        if post not in (None, *POST_OPS):
+            raise ValueError(f"unknown post-combination op {post!r}; expected {', '.join(POST_OPS[1:])} or None")
+        self.post_op = post or "none"
+        self.post_bns = nn.ModuleList(
+            (nn.BatchNorm2d if s.layout == "conv" else nn.BatchNorm1d)(s.out_dim) for s in self.specs
+        ) if post == "bn_relu" else None
         self._init_norms(norm if norm is not None else (self.default_norm or "none"), norm_type)
         self.tap: Tap | None = None
 
@@ -132,12 +137,20 @@ class ResidualScheme(nn.Module):
         return out if self.out_norms is None else self.out_norms[i](out)
 
     def post(self, y: Tensor) -> Tensor:
-        """The post-combination operation: ReLU (post-activation ResNets) or nothing."""
+        """The post-combination operation without a per-branch part: ReLU (post-activation ResNets) or nothing.
+
+        Raises:
+            ValueError: the post op is ``"bn_relu"``, which needs the branch index (:meth:`finish`).
+        """
+        if self.post_op == "bn_relu":
+            raise ValueError(f"residual scheme {self.name!r} applies its post op outside finish(), so it cannot take "
+                             "post='bn_relu' (a BatchNorm per branch)")
         return torch.relu(y) if self.post_op == "relu" else y
 
     def finish(self, i: int, y: Tensor) -> Tensor:
-        """The stream after combination ``i``: the post operation, then the post norm ``N_i`` if any."""
-        y = self.post(y)
+        """The stream after combination ``i``: the post operation (``relu(BN_i(y))`` for ``"bn_relu"``), then the
+        post norm ``N_i`` if any."""
+        y = torch.relu(self.post_bns[i](y)) if self.post_bns is not None else self.post(y)
         return y if self.post_norms is None else self.post_norms[i](y)
 
     def shortcut(self, i: int, x: Tensor) -> Tensor:
@@ -260,6 +273,8 @@ class RMSNorm(nn.Module):
 
 
 NORM_PLACEMENTS = ("none", "pre", "post", "sandwich")
+#: post-combination ops (``post``); ``None`` means ``"none"``
+POST_OPS = ("none", "relu", "bn_relu")
 NORM_TYPES: dict[str, Callable[[int], nn.Module]] = {"layernorm": nn.LayerNorm, "rmsnorm": RMSNorm}
 
 
