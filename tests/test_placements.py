@@ -156,10 +156,12 @@ def test_preact_families_take_no_placement_and_bn_relu_refuses_what_it_cannot_do
     model = build("mlp8", "bn_after_add")
     with pytest.raises(ValueError, match="not a sum of components"):
         model.trunk.scheme.decompose(torch.zeros(2, 8), [torch.zeros(2, 8)] * 3, [None] * 4)
-    # a scheme that applies its post op outside finish() (hyper-connections) cannot take a BN per branch
-    hyper = build("mlp8", "bn_after_add", residual="hc")
-    with pytest.raises(ValueError, match="bn_relu"):
-        hyper(torch.randn(2, 12))
+    # a scheme that applies its post op outside finish() (hyper-connections, AttnRes) cannot take a BN per branch:
+    # refused when the model is built, in one line
+    for residual in ("hc", "mhc", "attnres", "block_attnres"):
+        with pytest.raises(ValueError, match="bn_relu") as e:
+            build("mlp8", "bn_after_add", residual=residual)
+        assert "\n" not in str(e.value)
 
 
 def test_parameter_counts_are_he_et_als_and_bn_after_add_keeps_the_branch_bns_in_the_scheme():

@@ -87,6 +87,7 @@ class BlockAttnResBase(ResidualScheme):
 
     capabilities = Capabilities(shape_change=False, keeps_history=True, exposes_mixing=True, uses_shortcut=False)
     norm_placements = ("none", "pre")
+    post_ops = ("none", "relu")  # the post op applies to every aggregated read, outside finish()
 
     def __init__(self, specs: Sequence[BranchSpec], block_size: int = 4, **kw: Any) -> None:
         super().__init__(specs, **kw)

@@ -78,6 +78,8 @@ class ResidualScheme(nn.Module):
     default_norm: ClassVar[str | None] = None
     #: placements the rule supports
     norm_placements: ClassVar[tuple[str, ...]] = ("none", "pre", "post", "sandwich")
+    #: post-combination ops the rule supports (``"bn_relu"`` needs the per-branch :meth:`finish`)
+    post_ops: ClassVar[tuple[str, ...]] = ("none", "relu", "bn_relu")
 
     def __init__(self, specs: Sequence[BranchSpec], shortcut: str | None = None,
                  post: str | None = None, norm: str | None = None, norm_type: str = "layernorm") -> None:
@@ -103,6 +105,9 @@ class ResidualScheme(nn.Module):
             self.shortcut_option = None
         if post not in (None, *POST_OPS):
             raise ValueError(f"unknown post-combination op {post!r}; expected {', '.join(POST_OPS[1:])} or None")
+        if post is not None and post not in self.post_ops:
+            raise ValueError(f"residual scheme {self.name!r} supports the post-combination ops "
+                             f"{' / '.join(self.post_ops)}, not {post!r}")
         self.post_op = post or "none"
         self.post_bns = nn.ModuleList(
             (nn.BatchNorm2d if s.layout == "conv" else nn.BatchNorm1d)(s.out_dim) for s in self.specs
@@ -137,14 +142,8 @@ class ResidualScheme(nn.Module):
         return out if self.out_norms is None else self.out_norms[i](out)
 
     def post(self, y: Tensor) -> Tensor:
-        """The post-combination operation without a per-branch part: ReLU (post-activation ResNets) or nothing.
-
-        Raises:
-            ValueError: the post op is ``"bn_relu"``, which needs the branch index (:meth:`finish`).
-        """
-        if self.post_op == "bn_relu":
-            raise ValueError(f"residual scheme {self.name!r} applies its post op outside finish(), so it cannot take "
-                             "post='bn_relu' (a BatchNorm per branch)")
+        """The post-combination operation without a per-branch part: ReLU (post-activation ResNets) or nothing
+        (rules that apply it outside :meth:`finish` support no ``"bn_relu"``: :attr:`post_ops`)."""
         return torch.relu(y) if self.post_op == "relu" else y
 
     def finish(self, i: int, y: Tensor) -> Tensor:

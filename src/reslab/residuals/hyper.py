@@ -140,6 +140,7 @@ class MultiStreamScheme(ResidualScheme):
 
     capabilities = Capabilities(shape_change=False, multi_stream=True, exposes_mixing=True, uses_shortcut=False)
     norm_placements = ("none", "pre")
+    post_ops = ("none", "relu")  # the post op applies to every aggregated read, outside finish()
 
     def __init__(self, specs: Sequence[BranchSpec], streams: int = 4, dynamic: bool = True, reduce: str = "sum",
                  **kw: Any) -> None:
