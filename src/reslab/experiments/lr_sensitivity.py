@@ -14,8 +14,8 @@ careful learning rate scaling." Two measurements on three residual rules, on Pre
 1. **Per-layer effective step** (:func:`reslab.diagnostics.update_size.update_sizes` at the final stream, one SGD
    step of rate :data:`STEP_LR`): ``size_l = ||x_L(theta + delta_l) - x_L(theta)|| / ||x_L(theta)||`` for a step
    ``delta_l`` on block ``l``'s branch alone, the whole step's ``||x_L(theta + delta) - x_L(theta)|| / ||x_L||`` and
-   each layer's share ``size_l / whole``; at initialisation (one net per seed) and after training (the sweep's runs
-   at :data:`STEP_LR`). Summarised per net by the mean over layers and, over depths, by the log-log slope.
+   each layer's share ``size_l / whole``; on the sweep's runs at :data:`STEP_LR`, as they started (their seeds'
+   initialisation) and ended. Summarised per net by the mean over layers and, over depths, by the log-log slope.
 2. **Learning-rate transfer across depth**: an SGD sweep over log-spaced rates (half a decade apart) at three
    depths, every cell with the same seeds; the final training loss (eval mode, the whole training set) against the
    rate, per depth. The best rate per depth is the grid minimum of the mean over seeds, with two measures of its
@@ -52,11 +52,11 @@ import numpy as np
 import torch
 from matplotlib import ticker
 
-import reslab
 from reslab import runs
+from reslab.data import load_dataset
 from reslab.diagnostics.update_size import update_sizes
-from reslab.experiments.base import (Claim, ClaimResult, Context, ablation, check, differs, eval_batch, load_trained,
-                                     register_claim, verdict_of)
+from reslab.experiments.base import (Claim, ClaimResult, Context, ablation, check, differs, eval_batch, initial_model,
+                                     load_trained, register_claim, verdict_of)
 from reslab.report.plots import legend_below, log_axis, new_figure, series_styles
 from reslab.train import TrainConfig
 
@@ -158,20 +158,15 @@ def analyse(ctx: Context) -> ClaimResult:
             for s in SCHEMES for b in blocks}
     rng = np.random.default_rng(0)
     best = {key: best_rates(rates, v, rng) for key, v in loss.items()}
-    # part 1: (mean per-layer step, whole step, mean share) per net, at init (fresh nets) and after training
+    # part 1: (mean per-layer step, whole step, mean share) per net, as the runs at STEP_LR started and ended
+    data = load_dataset(DATA)
     init: dict[tuple[str, int], np.ndarray] = {}
     trained: dict[tuple[str, int], np.ndarray] = {}
-    for s, (residual, kwargs, _) in SCHEMES.items():
+    for s in SCHEMES:
         for b in blocks:
-            rows = []
-            for seed in seeds:
-                torch.manual_seed(seed)
-                rows.append(step_sizes(reslab.create_model(f"preact_mlp{2 * b + 2}", residual, num_classes=classes,
-                                                           input_shape=tuple(x.shape[1:]), residual_kwargs=kwargs,
-                                                           width=p["width"], norm="ln"), x, y))
-            init[(s, b)] = np.array(rows)
-            trained[(s, b)] = np.array([step_sizes(load_trained(ctx, run_id(s, b, STEP_LR, seed))[0], x, y)
-                                        for seed in seeds])
+            rids = [run_id(s, b, STEP_LR, seed) for seed in seeds]
+            init[(s, b)] = np.array([step_sizes(initial_model(ctx.specs[r], data), x, y) for r in rids])
+            trained[(s, b)] = np.array([step_sizes(load_trained(ctx, r)[0], x, y) for r in rids])
     checks = judge(blocks, rates, best, np.array([init[("identity", b)][:, 0] for b in blocks]))
     table = _table(blocks, rates, loss, best, init, trained)
     figures = [_plot_loss(blocks, rates, loss, best, ctx), _plot_best(blocks, rates, best, ctx),
@@ -345,7 +340,7 @@ CLAIM = register_claim(Claim(
            "weight decay": "none in the transfer sweeps",
            "schedule": "the sweep varies the rate itself",
            "training": "train loss after a fixed number of steps against the rate, per depth"},
-    ours=lambda profile: {"model": "the learning-rate transfer uses Pre-LN MLPs without muP in width (fixed width); "
-                                   "effective steps are also measured on fresh nets (one per seed)",
+    ours=lambda profile: {"model": "Pre-LN MLPs without muP in width (the width is fixed); effective steps are "
+                                   f"measured on the runs at rate {STEP_LR:g}, at initialisation and trained",
                           "training": "loss = final training loss in eval mode; a diverged run counts as chance"},
 ))
