@@ -83,4 +83,5 @@ def test_smoke_profile_end_to_end(tmp_path):
     for name in record["figures"]:
         assert (tmp_path / "claims" / "lr_sensitivity" / name).stat().st_size > 10_000
     assert "Block AttnRes" in record["ablation"]["text"]
-    assert {r[""] for r in record["recipe"]} >= {"optimiser", "training"}
+    ours = {r[""]: r["ours"] for r in record["recipe"]}
+    assert ours["optimiser"] == "SGD, lr 0.01 / 0.1 / 1, momentum 0.9, batch 128"  # the sweep's rates in one item

@@ -287,10 +287,13 @@ def our_recipe(specs: dict[str, TrainConfig], runs_dir: Path) -> dict[str, str]:
              + "; residual: " + ", ".join(_unique(c.residual for c in cfgs))
              + ("; last BN of each branch zero-initialised in some runs" if len(zero) > 1
                 else "; last BN of each branch zero-initialised" if zero[0] else ""))
-    optimiser = " / ".join(_unique(
-        f"{_OPTIMISERS[c.optimizer]}, lr {_rate(c.lr)}"
-        + (f", momentum {c.momentum:g}" + (" (Nesterov)" if c.nesterov else "") if c.optimizer == "sgd" else "")
-        + f", batch {c.batch_size}" for c in cfgs))
+    rates: dict[tuple, list[str]] = {}  # the learning rates of each otherwise equal optimiser (a sweep's in one item)
+    for c in cfgs:
+        rates.setdefault((c.optimizer, c.momentum, c.nesterov, c.batch_size), []).append(_rate(c.lr))
+    optimiser = " / ".join(
+        f"{_OPTIMISERS[opt]}, lr {' / '.join(_unique(lrs))}"
+        + (f", momentum {mom:g}" + (" (Nesterov)" if nest else "") if opt == "sgd" else "") + f", batch {batch}"
+        for (opt, mom, nest, batch), lrs in rates.items())
     steps = sorted(_unique(int(runs.read_json(p)["final"]["step"]) for rid in specs
                            if (p := runs_dir / rid / "result.json").exists()
                            and runs.read_json(p).get("final")))
