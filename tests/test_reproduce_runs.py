@@ -45,7 +45,10 @@ def test_profiles_do_not_mix_in_one_output_folder(tmp_path, capsys):
 
 
 SCRIPT = """
+import signal
 import sys
+# Ctrl-C as in a terminal, also when the test runner was started in the background (which passes SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from reslab.experiments.base import Claim, ClaimResult, register_claim
 from reslab.train import TrainConfig
