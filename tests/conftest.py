@@ -17,11 +17,14 @@ TINY_FAMILIES = {
     "mlp8": dict(width=8, input_shape=(12,)),
     "preact_mlp8": dict(width=8, input_shape=(12,)),
     "gpt2": dict(d_model=8, n_heads=2, input_shape=(7,)),
+    "densenet10": dict(growth=4, input_shape=(3, 8, 8)),  # two dense layers per block: block 1 is a layer
+    "densenet_bc16": dict(growth=4, input_shape=(3, 8, 8)),
 }
 NUM_CLASSES = 5  # also the vocabulary of the tiny language models
 
 
-def tiny_model(name: str, residual: str = "identity", **kw) -> reslab.ResidualNet:
+def tiny_model(name: str, residual: str | None = None, **kw) -> reslab.ResidualNet:
+    """A tiny instance of family ``name`` with ``residual`` (default: the family's, ``identity`` but for DenseNet)."""
     opts = dict(TINY_FAMILIES[name])
     opts.update(kw)
     return reslab.create_model(name, residual, num_classes=NUM_CLASSES, **opts)
@@ -29,6 +32,11 @@ def tiny_model(name: str, residual: str = "identity", **kw) -> reslab.ResidualNe
 
 def is_lm(name: str) -> bool:
     return name.startswith("gpt")
+
+
+def only_residuals(name: str) -> tuple[str, ...]:
+    """The only schemes family ``name`` works with (DenseNet: ``concat``); empty for the additive families."""
+    return reslab.models.parse_model_name(name)[0].residuals
 
 
 class TanhBranch(nn.Module):

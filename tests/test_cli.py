@@ -27,7 +27,7 @@ def test_list_shows_every_registry(capsys):
     code, out, _ = _run(["list"], capsys)
     assert code == 0
     for word in ("rezero", "highway", "exclusive_gating", "He et al. 2015", "resnet1202", "mlp56", "cifar10",
-                 "mnist1d", "degradation", "avg-down"):
+                 "mnist1d", "degradation", "avg-down", "concat", "densenet_bc100", "Huang et al. 2017"):
         assert word in out
 
 
@@ -47,6 +47,10 @@ BAD = [
     (["train", "--model", "resnet20", "--data", "cifar10:{d}x", "--out", "{d}"], "cifar-10-batches-py"),
     (["train", "--model", "resnet20", "--data", "mnist1d", "--out", "{d}"], "image input"),
     (["train", "--model", "mlp8", "--shortcut", "E", "--out", "{d}"], "invalid choice"),
+    (["train", "--model", "densenet_bc40", "--residual", "identity", "--out", "{d}"], "only with residual='concat'"),
+    (["train", "--model", "resnet20", "--residual", "concat", "--out", "{d}"], "concatenation of all earlier"),
+    (["train", "--model", "densenet40", "--model-arg", "memory_efficient=maybe", "--out", "{d}"],
+     "memory_efficient must be True or False"),
     (["train", "--out", "{d}"], "--model is required"),
     (["reproduce", "--only", "nosuch", "--out", "{d}"], "unknown claim"),
     (["diagnose", "{d}"], "not a trained reslab run"),

@@ -9,9 +9,9 @@ import reslab
 from reslab.diagnostics.decomposition import decompose
 from reslab.diagnostics.recorder import record
 from reslab.models import list_families
-from reslab.residuals import residual_class
+from reslab.residuals import ResidualScheme, residual_class
 
-from conftest import TINY_FAMILIES, is_lm, tiny_input, tiny_model, tiny_output_shape
+from conftest import TINY_FAMILIES, is_lm, only_residuals, tiny_input, tiny_model, tiny_output_shape
 
 SCHEMES = reslab.list_residuals()
 FAMILIES = list(TINY_FAMILIES)
@@ -20,8 +20,14 @@ CONV_FAMILIES = ("resnet8", "preact_resnet8")
 
 def refused(family: str, scheme: str) -> bool:
     """The pairs a scheme must refuse at construction: a norm placement on convolutional maps, a scheme
-    without shape-change support on a family whose stages change width, or value residuals on a family
-    without attention branches (every family but the language models)."""
+    without shape-change support on a family whose stages change width, value residuals on a family
+    without attention branches (every family but the language models), every scheme but ``concat`` on DenseNet
+    (which works with that one only: no additive skip path), and ``concat`` on every other family (their branches
+    read a stream of fixed width, not the concatenation of all earlier outputs)."""
+    if only_residuals(family):
+        return scheme not in only_residuals(family)
+    if scheme == "concat":
+        return True
     cls = residual_class(scheme)
     norm = cls.default_norm or ("pre" if is_lm(family) else "none")
     if scheme == "value_residual" and not is_lm(family):
@@ -99,10 +105,18 @@ def _zero_branches(model):
     return [b.register_forward_hook(lambda mod, inp, out: torch.zeros_like(out)) for b in model.trunk.branches]
 
 
+def additive(family: str) -> str:
+    """``family``, or a skip for the families without a plain twin (DenseNet: pinned by test_refusals)."""
+    if only_residuals(family):
+        pytest.skip(f"{family} works only with {', '.join(only_residuals(family))}: no skip path, no plain twin")
+    return family
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_plain_twin_has_no_skip_path(family):
     """With every branch silenced, the plain twin's output no longer depends on its input; the residual
     net's still does (through its skip path)."""
+    additive(family)
     torch.manual_seed(0)
     res = tiny_model(family, "identity").eval()
     twin = reslab.plain_twin(res).eval()
@@ -115,6 +129,7 @@ def test_plain_twin_has_no_skip_path(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_plain_twin_same_branches(family):
+    additive(family)
     res = tiny_model(family, "identity")
     twin = reslab.plain_twin(res)
     shapes = lambda m: [p.shape for p in m.trunk.branches.parameters()]  # noqa: E731
@@ -143,7 +158,7 @@ def test_lesioning_nothing_changes_nothing(family, scheme):
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_decomposition_sums_to_the_final_stream(family, scheme):
     """Every scheme's contributions (as actually added) add up to the final stream, or the scheme says why not:
-    it renormalises or activates the stream after each combination."""
+    it renormalises or activates the stream after each combination, or adds nothing (concatenation)."""
     torch.manual_seed(0)
     m = build(family, scheme).eval()
     perturb(m)
@@ -151,6 +166,10 @@ def test_decomposition_sums_to_the_final_stream(family, scheme):
     linear = s.post_norms is None and s.post_op == "none" and not (
         s.shortcut_option not in (None, "A") and any(sp.changes_shape for sp in s.specs))
     x = tiny_input(family)
+    if type(s).decompose is ResidualScheme.decompose:
+        with pytest.raises(ValueError, match="does not decompose its stream"):
+            decompose(m, x)
+        return
     if not linear:
         with pytest.raises(ValueError, match="not a sum of components|not linear"):
             decompose(m, x)

@@ -20,6 +20,7 @@ RUNS = {
     "resnet": ("resnet8", "identity", "digits", dict(width=4)),
     "preact_resnet": ("preact_resnet8", "identity", "digits", dict(width=4)),
     "gpt": ("gpt1", "attnres", "pydoc:16", dict(d_model=16, n_heads=2)),  # the run of the crash report, smaller
+    "densenet": ("densenet10", "concat", "digits", dict(growth=4)),
 }
 # what each run refuses, and the reason's key words
 REFUSED = {
@@ -28,6 +29,7 @@ REFUSED = {
     "resnet": {"gates": "no highway gates", "decomposition": "activates the stream"},
     "preact_resnet": {"gates": "no highway gates"},
     "gpt": {"gates": "no highway gates", "paths": "additive"},
+    "densenet": {"gates": "no highway gates", "paths": "additive", "decomposition": "does not decompose"},
 }
 SAMPLES = "12"
 
@@ -159,6 +161,16 @@ def test_cnn_lesions_and_lens_respect_stage_boundaries(runs):
     assert list(lesion["ks"]) == [1] and len(lesion["single"]) == 3  # 3 blocks, 2 change shape: 1 deletable
     lens = _arrays(runs["resnet"], "lens")
     assert np.isnan(lens["kl"][:-1]).all() and lens["kl"][-1] < 1e-6  # only the final stream has the final width
+
+
+def test_densenet_lesions_delete_dense_layers_only(runs):
+    """DenseNet's transitions cannot be deleted (NaN in the single lesions, not in the random pool); its layers
+    cannot be reordered (no reorderings measured)."""
+    lesion = _arrays(runs["densenet"], "lesion")
+    single = lesion["single"]  # layer, layer, transition, layer, layer, transition, layer, layer
+    assert len(single) == 8 and list(np.flatnonzero(np.isnan(single))) == [2, 5]
+    assert list(lesion["ks"]) == [1, 2, 3] and lesion["k_errors"].shape == (3, 5)
+    assert len(lesion["taus"]) == len(lesion["reorder_errors"]) == 0
 
 
 def test_figures_have_titles_axis_labels_and_one_unit_per_axis(runs):

@@ -11,7 +11,7 @@ from reslab import BranchSpec, Trunk, create_residual
 from reslab.diagnostics.recorder import record
 from reslab.trunk import BLOCK_TAPS
 
-from conftest import TINY_FAMILIES, tiny_input, tiny_model
+from conftest import TINY_FAMILIES, only_residuals, tiny_input, tiny_model
 
 
 def _linear_trunk(scheme="identity", n=3, d=5, **kw):
@@ -56,8 +56,10 @@ def test_gated_scheme_taps_mix_and_contribution():
 
 
 @pytest.mark.parametrize("family", list(TINY_FAMILIES))
-@pytest.mark.parametrize("scheme", ["identity", "plain", "highway", "rezero"])
+@pytest.mark.parametrize("scheme", ["identity", "plain", "highway", "rezero", "concat"])
 def test_recording_changes_no_output_and_no_gradient(family, scheme):
+    if scheme not in (only_residuals(family) or ("identity", "plain", "highway", "rezero")):
+        pytest.skip(f"{scheme} cannot run on {family}")
     torch.manual_seed(1)
     m = tiny_model(family, scheme)
     x = tiny_input(family)

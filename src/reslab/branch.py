@@ -1,13 +1,15 @@
-"""What the trunk knows about each branch: widths, stride and layout."""
+"""What the trunk knows about each branch: widths, stride and layout; and what a branch may read: one tensor, or
+several that it reads as one (:class:`Sources`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
 
-ROLES = ("", "attn", "mlp")
+ROLES = ("", "attn", "mlp", "transition")
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,8 @@ class BranchSpec:
         stride: spatial stride of the branch (conv layout only).
         layout: ``"conv"`` for ``(N, C, H, W)`` maps, ``"features"`` for ``(..., C)`` vectors/tokens.
         role: what the branch is inside its layer: ``""`` (a whole residual block), ``"attn"`` or ``"mlp"``
-            (a transformer layer's two sublayers; a layer starts at each branch that is not ``"mlp"``).
+            (a transformer layer's two sublayers; a layer starts at each branch that is not ``"mlp"``), or
+            ``"transition"`` (a DenseNet transition between dense blocks, a layer of its own).
     """
 
     in_dim: int
@@ -47,6 +50,33 @@ class BranchSpec:
     def channel_view(self, v: Tensor) -> Tensor:
         """Reshape a per-channel vector so it broadcasts against this branch's output."""
         return v.view(-1, 1, 1) if self.layout == "conv" else v
+
+
+class Sources(tuple):
+    """Tensors that a branch reads as one: ``[x_0, x_1, ..., x_{l-1}]``, their concatenation on channels (dim 1).
+
+    What the concatenating scheme (DenseNet) hands a branch. The branch joins them itself: at once
+    (:meth:`joined`), or inside a checkpoint that recomputes the join in backward (memory-efficient DenseNet), so
+    that nothing of the concatenation's size is kept. :meth:`joined` makes ``torch.cat(self, 1)`` once and keeps
+    it; after that :meth:`parts` gives the same tensors as views of it, so that everything computed from them goes
+    through that one tensor (the trunk taps it as the stream, and the stream's gradient is its gradient).
+    """
+
+    _joined: Tensor | None = None
+
+    def joined(self) -> Tensor:
+        """``torch.cat(self, 1)``, made on the first call (a single tensor is its own concatenation)."""
+        if self._joined is None:
+            self._joined = self[0] if len(self) == 1 else torch.cat(self, 1)
+        return self._joined
+
+    def parts(self) -> "Sources":
+        """The tensors, as views of the concatenation once it has been made (else these very tensors)."""
+        if self._joined is None or len(self) == 1:
+            return self
+        views = Sources(self._joined.split([t.shape[1] for t in self], 1))
+        views._joined = self._joined
+        return views
 
 
 def layer_of(specs: Sequence[BranchSpec]) -> tuple[int, ...]:

@@ -28,10 +28,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _kv(text: str) -> tuple[str, Any]:
-    """``key=value`` with a Python literal value (numbers, strings, booleans)."""
+    """``key=value`` with a Python literal value (numbers, strings, booleans: ``True`` or ``true``)."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     k, v = text.split("=", 1)
+    if v.strip().lower() in ("true", "false"):
+        return k.strip(), v.strip().lower() == "true"
     try:
         return k.strip(), ast.literal_eval(v)
     except (ValueError, SyntaxError):
@@ -52,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train one model into a run directory",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_recipes_epilog())
     tr.add_argument("--model", help="model name, e.g. resnet56, preact_resnet110, mlp20, gpt4")
-    tr.add_argument("--residual", help="residual scheme (default identity; see `reslab list schemes`)")
+    tr.add_argument("--residual", help="residual scheme (default identity, or the family's: concat for densenet; "
+                    "see `reslab list schemes`)")
     tr.add_argument("--shortcut", choices=["A", "B", "C", "D"], type=str.upper,
                     help="shortcut option where a ResNet stage changes shape (default A)")
     tr.add_argument("--residual-arg", dest="residual_kwargs", action="append", type=_kv, metavar="KEY=VALUE",

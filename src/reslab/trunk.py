@@ -19,6 +19,9 @@ reads the stream once more at the end, AttnRes). They reach an attached recorder
 sees the tensor. Hooks observe: a value they return is ignored. With no recorder attached and no hook registered,
 nothing is stored or computed.
 
+A scheme may hand a branch several tensors that it reads as one (:class:`~reslab.branch.Sources`: DenseNet's
+concatenation of every earlier output, which the branch joins itself); ``branch_in`` taps them joined.
+
 Lesions and reordering. Branches in :attr:`Trunk.lesioned` are deleted at run time and the scheme's ``skip``
 decides what the state becomes without them, so "remove block i" is right for every scheme;
 :meth:`Trunk.set_order` runs the blocks in another order (each block keeps its own parameters).
@@ -30,6 +33,7 @@ from typing import Iterable, Sequence
 
 from torch import Tensor, nn
 
+from reslab.branch import Sources
 from reslab.residuals.base import ResidualScheme, Tap
 
 BLOCK_TAPS = ("resid_pre", "state", "branch_in", "branch_out", "contribution", "resid_post", "mix")
@@ -88,7 +92,7 @@ class Trunk(nn.Module):
                 h = scheme.read(state, i)
                 out = self.branches[i](h)
                 if tap is not None:
-                    tap("branch_in", i, h)
+                    tap("branch_in", i, h.joined() if isinstance(h, Sources) else h)
                     tap("branch_out", i, out)
                 state = scheme.write(state, i, out, h)
             if tap is not None:
@@ -131,8 +135,9 @@ class Trunk(nn.Module):
         """Run the blocks in ``order`` (a permutation of ``range(len(self))``); ``None`` restores depth order.
 
         Raises:
-            ValueError: not a permutation, or one that moves a block to a position whose input or output
-                shape differs (e.g. across a downsampling stage boundary).
+            ValueError: not a permutation, one that moves a block to a position whose input or output
+                shape differs (e.g. across a downsampling stage boundary), or a reordering under a scheme that has
+                none (``capabilities.reorder``: concatenation).
         """
         if order is None:
             self.order = None
@@ -140,6 +145,9 @@ class Trunk(nn.Module):
         order = tuple(int(i) for i in order)
         if sorted(order) != list(range(len(self.branches))):
             raise ValueError(f"order must be a permutation of 0..{len(self.branches) - 1}, got {order}")
+        if order != tuple(range(len(order))) and not self.scheme.capabilities.reorder:
+            raise ValueError(f"residual scheme {self.scheme.name!r} cannot run its blocks in another order: each "
+                             "reads the outputs of the very blocks before it")
         specs = self.scheme.specs
         for pos, i in enumerate(order):
             if specs[i] != specs[pos]:

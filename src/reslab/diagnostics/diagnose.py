@@ -144,10 +144,12 @@ def _lesion(model, x, y, classes):
 
 
 def _lesion_summary(a, ctx):
-    base, single = float(a["baseline"]), a["single"]
-    k = int(np.argmax(single))
-    line = (f"error intact {100 * base:.1f}%, one {ctx.unit} deleted mean {100 * single.mean():.1f}% "
+    base, single = float(a["baseline"]), a["single"]  # NaN where the scheme cannot delete the block
+    k = int(np.nanargmax(single))
+    line = (f"error intact {100 * base:.1f}%, one {ctx.unit} deleted mean {100 * np.nanmean(single):.1f}% "
             f"(worst {ctx.blocks[k]}: {100 * single[k]:.1f}%)")
+    if np.isnan(single).any():
+        line += f" ({int(np.isnan(single).sum())} {ctx.unit}s cannot be deleted)"
     if len(a["ks"]):
         line += "; k random deleted: " + ", ".join(f"k={int(k)} {100 * e.mean():.1f}%"
                                                    for k, e in zip(a["ks"], a["k_errors"]))

@@ -27,7 +27,8 @@ class Context:
         blocks: a label per branch (``block0, ...`` or ``attn0, mlp0, ...``).
         unit: ``"block"`` or ``"sublayer"`` (transformers).
         target: what the loss and error are per: ``"sample"`` or ``"token"``.
-        changes: the blocks that change the stream's shape (stride or width: a CNN's stage boundaries).
+        changes: the blocks that change the stream's shape (stride or width: a CNN's stage boundaries, DenseNet's
+            transitions): those that random lesions keep (``scheme.deletable``).
     """
 
     run: str
@@ -41,8 +42,10 @@ class Context:
         from reslab.diagnostics.decomposition import branch_labels
 
         blocks = tuple(branch_labels(model))
-        unit = "sublayer" if any(not b.startswith("block") for b in blocks) else "block"
-        changes = tuple(i for i, spec in enumerate(model.trunk.scheme.specs) if spec.changes_shape)
+        specs = model.trunk.scheme.specs
+        unit = "sublayer" if any(s.role in ("attn", "mlp") for s in specs) else "block"  # DenseNet's too
+        kept = set(model.trunk.scheme.deletable(keep_shape_changes=True))
+        changes = tuple(i for i in range(len(specs)) if i not in kept)
         return cls(f"{cfg.model} / {cfg.residual} ({cfg.data})", blocks, unit, "token" if y.dim() > 1 else "sample",
                    changes)
 
@@ -103,7 +106,8 @@ def _by_role(ax: Any, x: np.ndarray, v: np.ndarray, ctx: Context, style: str = "
         return
     for role in roles:
         idx = np.asarray([i for i, b in enumerate(ctx.blocks) if b.rstrip("0123456789") == role])
-        ax.plot(x[idx], v[idx], style, ms=4, label=f"{role} sublayers", **kw)
+        label = f"{role} sublayers" if ctx.unit == "sublayer" else f"{role}s"  # DenseNet: blocks, transitions
+        ax.plot(x[idx], v[idx], style, ms=4, label=label, **kw)
 
 
 def responses(a: dict, ctx: Context) -> Any:
@@ -197,9 +201,11 @@ def lesion(a: dict, ctx: Context) -> Any:
         ax2.set_xticks(ks)
     ax2.set(xlabel=f"number of random {ctx.unit}s deleted", ylabel=ylabel, title=f"k random {ctx.unit}s deleted")
     ax3.plot(a["taus"], 100 * a["reorder_errors"], "o", ms=4, alpha=0.7)
+    if not len(a["taus"]):
+        ax3.text(0.5, 0.5, "no reordering under this scheme", ha="center", va="center", transform=ax3.transAxes)
     ax3.set(xlabel="Kendall tau of the order (1: unchanged)", ylabel=ylabel,
             title=f"{ctx.unit}s reordered (random swaps)")
-    top = min(100.0, max(base, np.max(100 * a["single"]), np.max(errs, initial=0),
+    top = min(100.0, max(base, np.nanmax(100 * a["single"]), np.max(errs, initial=0),
                          np.max(100 * a["reorder_errors"], initial=0)))
     for ax in (ax1, ax2, ax3):
         ax.axhline(base, color="k", linestyle=":", label=f"intact {base:.1f}%")

@@ -3,7 +3,9 @@ REFERENCE.md section 3).
 
 Every lesion goes through the trunk (``set_lesion`` / ``set_order``), so "delete block i" is the scheme's own
 skip path: ``y_i = shortcut(y_{i-1})`` for additive schemes, the unchanged input for a plain net (that layer
-removed), the carry path for gated schemes. The trunk is restored afterwards. Errors are measured in eval mode.
+removed), the carry path for gated schemes, zero features for DenseNet's concatenation. Which blocks can be deleted
+is the scheme's to say (``scheme.deletable``: DenseNet's transitions cannot). The trunk is restored afterwards.
+Errors are measured in eval mode.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def kendall_tau(order: Sequence[int]) -> float:
 @dataclass
 class LesionResult:
     baseline: float
-    single: np.ndarray                   # error with block i deleted
+    single: np.ndarray                   # error with block i deleted (NaN where the scheme cannot delete it)
     ks: np.ndarray                       # numbers of deleted blocks
     k_errors: np.ndarray                 # (len(ks), draws)
     taus: np.ndarray                     # Kendall tau of each reordering
@@ -51,20 +53,21 @@ class LesionResult:
 
 
 def lesion_single(model: nn.Module, x: Tensor, y: Tensor) -> np.ndarray:
-    """Error with each single block deleted."""
+    """Error with each single block deleted (NaN for a block the scheme cannot delete: a DenseNet transition)."""
     trunk = trunk_of(model)
+    can = set(trunk.scheme.deletable())
     out = []
     with _restored(model):
         for i in range(len(trunk)):
             trunk.set_lesion([i])
-            out.append(error_rate(model, x, y))
+            out.append(error_rate(model, x, y) if i in can else float("nan"))
     return np.asarray(out)
 
 
 def deletable(model: nn.Module, keep_shape_changes: bool = True) -> list[int]:
-    """Blocks a random lesion may pick: all, or all but the shape-changing ones (Veit et al. keep those)."""
-    specs = trunk_of(model).scheme.specs
-    return [i for i, s in enumerate(specs) if not (keep_shape_changes and s.changes_shape)]
+    """Blocks a random lesion may pick: all that the scheme can delete, or all but the shape-changing ones (Veit et
+    al. keep those)."""
+    return trunk_of(model).scheme.deletable(keep_shape_changes)
 
 
 def lesion_random(model: nn.Module, x: Tensor, y: Tensor, ks: Sequence[int], draws: int,
@@ -101,9 +104,12 @@ def random_swaps(model: nn.Module, swaps: int, generator: torch.Generator) -> li
 
 def lesion_reorder(model: nn.Module, x: Tensor, y: Tensor, swaps: Sequence[int], draws: int,
                    generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Error after random reorderings with the given numbers of swaps: ``(kendall taus, errors)``."""
+    """Error after random reorderings with the given numbers of swaps: ``(kendall taus, errors)``; empty where the
+    scheme has no reordering (``capabilities.reorder``: concatenation)."""
     trunk = trunk_of(model)
     taus, errs = [], []
+    if not trunk.scheme.capabilities.reorder:
+        return np.asarray(taus), np.asarray(errs)
     with _restored(model):
         for s in swaps:
             for _ in range(draws):

@@ -4,8 +4,9 @@
 ``norm_sq_per_dim[i] = E||x_i||^2 / d``. For each block, ``share[i] = E ||c_i|| / ||x_final||`` and
 ``projection[i] = E <c_i, x_final> / ||x_final||^2`` where ``c_i`` is the tapped contribution (what was
 actually added). For an additive scheme without post-activation the projections of the input and all
-contributions add up to 1. Blocks whose contribution has another shape than the final stream get NaN; samples
-(tokens) whose final stream is exactly zero are left out of the shares.
+contributions add up to 1. Blocks whose contribution has another shape than the final stream, or that add nothing
+(DenseNet's concatenation taps no contribution), get NaN; samples (tokens) whose final stream is exactly zero are
+left out of the shares.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def stream_profile(model: nn.Module, x: Tensor) -> StreamProfile:
     live = fn2 > 0  # rows with a zero final stream (a plain net's dead ReLU output) have no shares
     fn2 = fn2[live]
     share, proj = [], []
-    for c in rec.get("contribution"):
-        c = flat(c).double()
-        if c.shape != final.shape:
+    for c in rec.by_depth("contribution", len(streams) - 1):
+        c = None if c is None else flat(c).double()
+        if c is None or c.shape != final.shape:
             share.append(np.nan)
             proj.append(np.nan)
             continue

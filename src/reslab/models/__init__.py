@@ -2,7 +2,7 @@
 
 from reslab.models.base import (ResidualNet, create_model, list_families, list_models, parse_model_name,
                                 plain_twin, register_family)
-from reslab.models import cifar_resnet, gpt, mlp  # noqa: F401
+from reslab.models import cifar_resnet, densenet, gpt, mlp  # noqa: F401
 
 __all__ = ["ResidualNet", "create_model", "list_families", "list_models", "parse_model_name", "plain_twin",
            "register_family"]

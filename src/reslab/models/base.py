@@ -2,8 +2,9 @@
 
 A family builds only a stem, branches (with their :class:`BranchSpec`) and a head; :func:`create_model`
 adds the residual scheme and the shared trunk. Names follow timm's style: ``resnet56``, ``preact_resnet110``,
-``mlp20``, or the family name with ``depth=``. Every family has an automatic plain twin
-(``residual="plain"``, or :func:`plain_twin`).
+``mlp20``, or the family name with ``depth=``. Every family whose branches are combined by adding has an automatic
+plain twin (``residual="plain"``, or :func:`plain_twin`); a family built for one rule names it
+(:attr:`Family.residuals`: DenseNet concatenates, so it has no skip path to remove and no plain twin).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Family:
     description: str
     inputs: str = "features"  # what the stem reads: "features" (real-valued) or "tokens" (int64 ids)
     recipe: dict[str, Any] = field(default_factory=dict)  # default training options of `reslab train`
+    residuals: tuple[str, ...] = ()  # the only schemes its branches work with, the first the default; () = any
 
 
 class ResidualNet(nn.Module):
@@ -69,20 +71,23 @@ _FAMILIES: dict[str, Family] = {}
 
 def register_family(name: str, *, depths: tuple[int, ...], depth_rule: str, check_depth: Callable[[int], bool],
                     default_input_shape: tuple[int, ...], paper: str, description: str, inputs: str = "features",
-                    recipe: dict[str, Any] | None = None
+                    recipe: dict[str, Any] | None = None, residuals: tuple[str, ...] = ()
                     ) -> Callable[[Callable[..., FamilyParts]], Callable[..., FamilyParts]]:
     """Decorator: register a family builder ``build(depth, num_classes, input_shape, **kw) -> FamilyParts``.
 
     ``inputs`` is what the family's stem reads: ``"features"`` (real-valued vectors or images) or ``"tokens"``
     (int64 token ids), matched against :attr:`reslab.data.Dataset.inputs` before training. ``recipe`` holds
     the family's default training options (:class:`reslab.train.TrainConfig` fields) for ``reslab train``.
+    ``residuals`` names the only schemes a family's branches are built for (DenseNet's read the concatenation that
+    ``concat`` hands them), the first being :func:`create_model`'s default; empty: every scheme, default
+    ``identity``.
     """
     if inputs not in ("features", "tokens"):
         raise ValueError(f"family inputs must be 'features' or 'tokens', got {inputs!r}")
 
     def deco(build: Callable[..., FamilyParts]) -> Callable[..., FamilyParts]:
         _FAMILIES[name] = Family(name, build, depths, depth_rule, check_depth, default_input_shape, paper,
-                                 description, inputs, dict(recipe or {}))
+                                 description, inputs, dict(recipe or {}), tuple(residuals))
         return build
 
     return deco
@@ -116,7 +121,7 @@ def parse_model_name(name: str, depth: int | None = None) -> tuple[Family, int]:
     return fam, d
 
 
-def create_model(name: str, residual: str = "identity", shortcut: str | None = None, *,
+def create_model(name: str, residual: str | None = None, shortcut: str | None = None, *,
                  depth: int | None = None, num_classes: int = 10, input_shape: tuple[int, ...] | None = None,
                  zero_init_last: bool = False, residual_kwargs: dict[str, Any] | None = None,
                  **family_kwargs: Any) -> ResidualNet:
@@ -124,7 +129,8 @@ def create_model(name: str, residual: str = "identity", shortcut: str | None = N
 
     Args:
         name: ``resnet56``-style name, or a family name together with ``depth``.
-        residual: registered residual scheme (``plain`` gives the plain twin).
+        residual: registered residual scheme (``plain`` gives the plain twin); ``None``: the family's default
+            (``identity``, or the scheme the family is built for: ``concat`` for DenseNet).
         shortcut: shortcut option A/B/C/D for schemes that use one (default A).
         num_classes: classifier outputs.
         input_shape: shape of one input sample, e.g. ``(3, 32, 32)`` or ``(40,)``.
@@ -137,7 +143,13 @@ def create_model(name: str, residual: str = "identity", shortcut: str | None = N
         ValueError: unknown names, invalid depth, non-positive sizes or an incompatible combination.
     """
     fam, d = parse_model_name(name, depth)
+    if residual is None:
+        residual = fam.residuals[0] if fam.residuals else "identity"
     residual_class(residual)  # unknown scheme names fail before anything is built
+    if fam.residuals and residual not in fam.residuals:
+        raise ValueError(f"the {fam.name} family works only with residual={' / '.join(map(repr, fam.residuals))}, "
+                         f"not {residual!r}: its branches are built for that rule (no additive skip path, so no "
+                         "plain twin either)")
     if num_classes <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     shape = tuple(fam.default_input_shape if input_shape is None else input_shape)
@@ -170,7 +182,11 @@ def create_model(name: str, residual: str = "identity", shortcut: str | None = N
 
 
 def plain_twin(model: ResidualNet) -> ResidualNet:
-    """The same architecture with ``residual="plain"``: identical branches, no skip path."""
+    """The same architecture with ``residual="plain"``: identical branches, no skip path.
+
+    Raises:
+        ValueError: the family works only with a non-additive rule (DenseNet), so it has no plain twin.
+    """
     cfg = dict(model.config)
     cfg.update(residual="plain", shortcut=None, residual_kwargs={}, zero_init_last=False)
     return create_model(**cfg)

@@ -40,6 +40,8 @@ class Capabilities:
         exposes_mixing: emits mixing weights (gates, depth weights, stream matrices) on the ``mix`` tap.
         uses_shortcut: combines through a shortcut object, so a shortcut option applies.
         owns_shortcut: builds its own skip projection; no shortcut option may be given.
+        reorder: blocks of identical shapes may run in another order (:meth:`reslab.trunk.Trunk.set_order`); not
+            where each branch reads the outputs of the very branches before it (concatenation).
     """
 
     shape_change: bool = True
@@ -48,6 +50,7 @@ class Capabilities:
     exposes_mixing: bool = False
     uses_shortcut: bool = True
     owns_shortcut: bool = False
+    reorder: bool = True
 
 
 class ResidualScheme(nn.Module):
@@ -187,6 +190,11 @@ class ResidualScheme(nn.Module):
         skip path carries a scale keeps it, so that deleting the branch removes exactly its term.
         """
         return self.shortcut(i, state)
+
+    def deletable(self, keep_shape_changes: bool = False) -> list[int]:
+        """The branches a lesion may delete (:meth:`skip`): every one, less those that change shape with
+        ``keep_shape_changes`` (random lesions keep a ResNet's stage boundaries, as Veit et al. do)."""
+        return [i for i, s in enumerate(self.specs) if not (keep_shape_changes and s.changes_shape)]
 
     def stream(self, state: Any) -> Tensor:
         """The residual stream held in ``state`` as one tensor, for taps."""
