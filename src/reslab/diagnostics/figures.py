@@ -40,11 +40,12 @@ class Context:
     @classmethod
     def of(cls, model: nn.Module, cfg: Any, y: Tensor) -> "Context":
         from reslab.diagnostics.decomposition import branch_labels
+        from reslab.diagnostics.lesion import deletable
 
         blocks = tuple(branch_labels(model))
         specs = model.trunk.scheme.specs
         unit = "sublayer" if any(s.role in ("attn", "mlp") for s in specs) else "block"  # DenseNet's too
-        kept = set(model.trunk.scheme.deletable(keep_shape_changes=True))
+        kept = set(deletable(model))
         changes = tuple(i for i in range(len(specs)) if i not in kept)
         return cls(f"{cfg.model} / {cfg.residual} ({cfg.data})", blocks, unit, "token" if y.dim() > 1 else "sample",
                    changes)
@@ -106,6 +107,8 @@ def _by_role(ax: Any, x: np.ndarray, v: np.ndarray, ctx: Context, style: str = "
         return
     for role in roles:
         idx = np.asarray([i for i, b in enumerate(ctx.blocks) if b.rstrip("0123456789") == role])
+        if not np.isfinite(v[idx]).any():
+            continue  # nothing measured for this role (a DenseNet transition cannot be deleted): no empty legend entry
         label = f"{role} sublayers" if ctx.unit == "sublayer" else f"{role}s"  # DenseNet: blocks, transitions
         ax.plot(x[idx], v[idx], style, ms=4, label=label, **kw)
 
@@ -203,6 +206,7 @@ def lesion(a: dict, ctx: Context) -> Any:
     ax3.plot(a["taus"], 100 * a["reorder_errors"], "o", ms=4, alpha=0.7)
     if not len(a["taus"]):
         ax3.text(0.5, 0.5, "no reordering under this scheme", ha="center", va="center", transform=ax3.transAxes)
+        ax3.set_xticks([])
     ax3.set(xlabel="Kendall tau of the order (1: unchanged)", ylabel=ylabel,
             title=f"{ctx.unit}s reordered (random swaps)")
     top = min(100.0, max(base, np.nanmax(100 * a["single"]), np.max(errs, initial=0),

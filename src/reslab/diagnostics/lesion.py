@@ -59,8 +59,11 @@ def lesion_single(model: nn.Module, x: Tensor, y: Tensor) -> np.ndarray:
     out = []
     with _restored(model):
         for i in range(len(trunk)):
+            if i not in can:
+                out.append(float("nan"))
+                continue
             trunk.set_lesion([i])
-            out.append(error_rate(model, x, y) if i in can else float("nan"))
+            out.append(error_rate(model, x, y))
     return np.asarray(out)
 
 

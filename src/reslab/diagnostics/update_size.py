@@ -65,11 +65,12 @@ def update_sizes(model: nn.Module, x: Tensor, y: Tensor, lr: float = 1e-3, optim
         if at == "output":
             def f(new: dict[str, Tensor]) -> Tensor:
                 return functional_call(model, new, (x,), strict=False)
-        else:
-            h0, prefix = model.stem(x), _prefix(model, trunk)
+        else:  # the trunk's output from the (unchanged) stem's: what the head reads
+            h0 = model.stem(x)
 
             def f(new: dict[str, Tensor]) -> Tensor:
-                return functional_call(trunk, {n[len(prefix):]: p for n, p in new.items()}, (h0,), strict=False)
+                return functional_call(model.trunk, {n.removeprefix("trunk."): p for n, p in new.items()}, (h0,),
+                                       strict=False)
         f0 = f({})
         owner = {id(p): i for i, b in enumerate(trunk.branches) for p in b.parameters()}
         blocks: list[dict[str, Tensor]] = [{} for _ in trunk.branches]
@@ -87,10 +88,3 @@ def effective_update_size(model: nn.Module, x: Tensor, y: Tensor, lr: float = 1e
     """Relative output change per block for one step on that block alone (:func:`update_sizes`' ``per_block``)."""
     return update_sizes(model, x, y, lr, optimizer).per_block
 
-
-def _prefix(model: nn.Module, trunk: nn.Module) -> str:
-    """The name prefix of the trunk's parameters in ``model`` (``"trunk."``)."""
-    for name, module in model.named_modules():
-        if module is trunk:
-            return f"{name}." if name else ""
-    raise ValueError("the trunk is not a submodule of the model")
