@@ -183,3 +183,15 @@ def test_final_line_reports_eval_mode_train_error(tmp_path, capsys):
     final = runs.read_jsonl(d / "metrics.jsonl")[-1]
     out = capsys.readouterr().out
     assert f"train error {100 * final['train_eval_error']:.2f}% (eval mode" in out
+
+
+def test_eval_train_final_evaluates_the_training_set_after_the_last_epoch_only(tmp_path):
+    every = train(TINY, tmp_path / "every", quiet=True).metrics
+    final = train(replace(TINY, eval_train="final"), tmp_path / "final", quiet=True).metrics
+    assert ["train_eval_error" in m for m in every] == [True] * 3
+    assert ["train_eval_error" in m for m in final] == [False, False, True]
+    assert final[-1]["train_eval_error"] == every[-1]["train_eval_error"]  # evaluation changes no training
+    assert _strip(final)[0] == {k: v for k, v in _strip(every)[0].items() if not k.startswith("train_eval")}
+    for bad in ("last", 1, None):
+        with pytest.raises(ValueError, match="eval_train must be"):
+            replace(TINY, eval_train=bad).validate()

@@ -1,4 +1,4 @@
-"""How much memory a training run needs, estimated before anything is allocated.
+"""How much memory a training run needs: estimated before anything is allocated, and measured for one step.
 
 The model is built on PyTorch's ``meta`` device (shapes only, no storage) and one training batch is run
 forward on it with a saved-tensors hook that adds up what autograd would keep for backward. The estimate is
@@ -15,8 +15,11 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
+
+from reslab.losses import loss_fn
 
 OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "adamw": 2}
 
@@ -83,7 +86,8 @@ def at_depth(build_at: Callable[[int], nn.Module], depth: int, probes: tuple[int
     ``depth`` is deeper than :data:`EXACT_DEPTH` (a meta build of 100,000 layers alone takes minutes).
 
     Every family's parameters and saved activations grow linearly in its depth (blocks per stage, layers), so
-    the extrapolation is exact for them, and a lower bound for a scheme whose cost grows faster.
+    the extrapolation is exact for them, and a lower bound for a model whose cost grows faster (a DenseNet with
+    naive concatenation: quadratic).
     """
     if depth <= EXACT_DEPTH:
         return training_bytes(lambda: build_at(depth), batch, dtype, optimizer)
@@ -95,6 +99,30 @@ def at_depth(build_at: Callable[[int], nn.Module], depth: int, probes: tuple[int
 
 
 EXACT_DEPTH = 128
+
+
+def step_peak_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Measured peak memory of one training step (forward, cross-entropy, backward) above what was allocated
+    before it (the parameters): on CUDA the allocator's ``max_memory_allocated``; on the CPU the running sum of
+    every allocation and free of the step in order, as the CPU allocator reports them to ``torch.profiler``
+    (``profile_memory``). Deterministic on the CPU: the same ops allocate the same bytes."""
+    model.zero_grad(set_to_none=True)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        base = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        loss_fn(model(x), y).backward()
+        peak = torch.cuda.max_memory_allocated(x.device) - base
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss_fn(model(x), y).backward()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        peak = max(np.cumsum([b for _, b in events]).max(initial=0), 0) if events else 0
+    model.zero_grad(set_to_none=True)
+    return int(peak)
 
 
 def check_fits(estimate: tuple[int, int, int] | None, device: torch.device, batch: int, optimizer: str,

@@ -54,7 +54,9 @@ class TrainConfig:
             without it the rate ramps linearly from 0 to ``lr``.
         train_samples: train on the first ``train_samples`` training samples only (e.g. text windows, for an
             equal token budget); ``None``: all of them.
-        eval_train: also evaluate the (used) training set in eval mode after each epoch.
+        eval_train: also evaluate the (used) training set in eval mode: ``True`` after each epoch, ``"final"``
+            after the final epoch only (what the claims read; it saves a fifth to a quarter of a small conv run),
+            ``False`` never.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         amp: bfloat16 autocast on CUDA.
     """
@@ -81,7 +83,7 @@ class TrainConfig:
     warmup_lr: float | None = None
     seed: int = 0
     train_samples: int | None = None
-    eval_train: bool = True
+    eval_train: bool | str = True
     device: str = "auto"
     amp: bool = False
 
@@ -108,6 +110,8 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ValueError("nesterov applies to SGD with momentum only")
+        if self.eval_train not in (True, False, "final") or not isinstance(self.eval_train, (bool, str)):
+            raise ValueError(f"eval_train must be true, false or \"final\", got {self.eval_train!r}")
         parse_device(self.device)
 
     @classmethod
@@ -420,7 +424,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
             row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lr,
                                    "train_loss": loss_sum.item() / y_tr.numel(),
                                    "train_error": wrong.item() / y_tr.numel()}
-            if cfg.eval_train:
+            if cfg.eval_train is True or (cfg.eval_train == "final" and epoch + 1 == cfg.epochs):
                 ev = evaluate(model, data, x_tr, y_tr, amp=cfg.amp)
                 row.update(train_eval_loss=ev["loss"], train_eval_error=ev["error"])
             ev = evaluate(model, data, x_te, y_te, amp=cfg.amp)

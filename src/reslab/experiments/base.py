@@ -337,8 +337,11 @@ def scale(cfg: TrainConfig, budget: int) -> TrainConfig:
 
 
 def planned(claim: Claim, profile: str, budget: int = 1) -> dict[str, TrainConfig]:
-    """The runs ``claim`` needs for ``profile`` at ``budget`` (1: the profile's own)."""
-    return {rid: scale(cfg, budget) for rid, cfg in claim.runs(profile).items()}
+    """The runs ``claim`` needs for ``profile`` at ``budget`` (1: the profile's own). Analyses read the training
+    set's eval-mode error at the end of a run only, so a run that evaluates it does so after the final epoch only
+    (``eval_train="final"``)."""
+    return {rid: scale(replace(cfg, eval_train="final") if cfg.eval_train is True else cfg, budget)
+            for rid, cfg in claim.runs(profile).items()}
 
 
 def check_reuse(claims: Sequence[Claim], profile: str, root: Path, budget: int = 1) -> None:
