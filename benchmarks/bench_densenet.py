@@ -8,10 +8,13 @@ Peak memory. CPU: every measurement runs in a fresh subprocess (``--peak MODE``)
 the resident set size (``/proc/self/statm``), run one step, read the process's peak resident set size
 (``getrusage``'s ``ru_maxrss``); the step's memory is the peak less the size before it. A fresh process keeps the
 memory one step freed (and the allocator kept) from hiding the next step's peak. ``--mem-repeats`` processes per
-mode, medians. CUDA: ``torch.cuda.max_memory_allocated`` over one step, less the allocation before it.
+mode, medians; and the allocator's count in this process (:func:`reslab.footprint.step_peak_bytes`: every allocation
+and free of one forward + backward, in order, from ``torch.profiler``; deterministic, and free of the pages the heap
+keeps after a free, which the resident set size counts). CUDA: ``torch.cuda.max_memory_allocated`` over one step,
+less the allocation before it.
 Step time: interleaved rounds in one process (``_timing.interleaved``), the efficient step's time over the naive
 one's in the same round, median with a 95% confidence interval. Targets: peak ratio <= 0.6 at a step-time ratio
-<= 1.25. ``--write`` replaces the ``<!-- bench_densenet -->`` section of BENCHMARKS.md.
+<= 1.25. ``--write`` replaces the ``<!-- bench_densenet:DEVICE -->`` section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ from pathlib import Path
 import torch
 
 import reslab
+from reslab.footprint import step_peak_bytes
 from _timing import OtherLoad, cpu_name, interleaved, make_step, median_ci, n_params, write_marked_section
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- bench_densenet -->", "<!-- /bench_densenet -->"
 TARGET = {"memory": 0.6, "time": 1.25}
 MODES = ("naive", "efficient")
 
@@ -107,6 +110,7 @@ def main() -> None:
     models = {m: build(m, args) for m in MODES}
     with torch.no_grad():
         same = torch.equal(models["naive"][0](models["naive"][1]), models["efficient"][0](models["efficient"][1]))
+    alloc = {m: step_peak_bytes(*models[m]) for m in MODES} if args.device == "cpu" else None
     steps = {m: make_step(*models[m]) for m in MODES}
     for s in steps.values():
         s()  # warm-up
@@ -122,8 +126,9 @@ def main() -> None:
         "## DenseNet memory modes (`benchmarks/bench_densenet.py`)",
         "",
         f"DenseNet-BC (L={args.depth}, k={args.growth}), batch {args.batch}, 3x32x32, one training step; peak memory "
-        "of a first step, each in a fresh process (CPU: peak resident set size less the size before the step); "
-        "step time in interleaved rounds. Targets: memory-efficient / naive peak <= 0.6 at step time <= 1.25x.",
+        "of a first step, each in a fresh process (CPU: peak resident set size less the size before the step), and "
+        "on the CPU also the allocator's count in one process (torch.profiler's allocation events); step time in "
+        "interleaved rounds. Targets: memory-efficient / naive peak <= 0.6 at step time <= 1.25x.",
         "",
         f"### densenet_bc{args.depth}, {args.device}, batch {args.batch}",
         "",
@@ -135,14 +140,18 @@ def main() -> None:
         f"- step memory (median of {args.mem_repeats}): naive {mem['naive'] / 2**20:.0f} MiB, memory-efficient "
         f"{mem['efficient'] / 2**20:.0f} MiB (each: " + "; ".join(
             f"{m} " + ", ".join(f"{v / 2**20:.0f}" for v in peaks[m]) for m in MODES) + " MiB)",
+        *([f"- allocator peak of one forward + backward (in this process): naive {alloc['naive'] / 2**20:.0f} MiB, "
+           f"memory-efficient {alloc['efficient'] / 2**20:.0f} MiB, **ratio "
+           f"{alloc['efficient'] / alloc['naive']:.2f}**"] if alloc else []),
         f"- median step: naive {1e3 * statistics.median(times['naive']):.0f} ms, memory-efficient "
         f"{1e3 * statistics.median(times['efficient']):.0f} ms",
-        f"- **peak memory ratio {mem_ratio:.2f}, step time ratio {r:.3f} (95% CI {lo:.3f}-{hi:.3f})**: "
+        f"- **peak memory ratio {mem_ratio:.2f}{' (resident set size)' if alloc else ''}, step time ratio {r:.3f} (95% CI {lo:.3f}-{hi:.3f})**: "
         + ("meets the targets" if ok else "misses a target") + f" (<= {TARGET['memory']}, <= {TARGET['time']})",
     ])
     print(body)
     if args.write:
-        write_marked_section(ROOT / "BENCHMARKS.md", START, END, body)
+        write_marked_section(ROOT / "BENCHMARKS.md", f"<!-- bench_densenet:{args.device} -->",
+                             f"<!-- /bench_densenet:{args.device} -->", body)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ and evaluation batches come on top), so a run it refuses would certainly not fit
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable
+import sys
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -101,6 +103,21 @@ def at_depth(build_at: Callable[[int], nn.Module], depth: int, probes: tuple[int
 EXACT_DEPTH = 128
 
 
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to ``/dev/null`` for the block: the profiler's C++ side logs its start and stop there,
+    two lines per measurement that would run through a progress display. Python exceptions still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def step_peak_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """Measured peak memory of one training step (forward, cross-entropy, backward) above what was allocated
     before it (the parameters): on CUDA the allocator's ``max_memory_allocated``; on the CPU the running sum of
@@ -116,7 +133,7 @@ def step_peak_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     else:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             loss_fn(model(x), y).backward()
         events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                         if e.name() == "[memory]")
