@@ -183,3 +183,18 @@ def test_smoke_profile_runs_end_to_end(smoke):
     finals = [runs.read_jsonl(root / "runs" / r / "metrics.jsonl")[-1]["test_error"]
               for r in densenet.nets("smoke")["DenseNet-BC-16"]]
     assert acc["DenseNet-BC-16"]["held-out error, mean (%)"] == pytest.approx(100 * np.mean(finals))
+
+
+def test_step_peak_does_not_depend_on_the_thread_count():
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    threads = torch.get_num_threads()
+    peaks = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(0)
+            peaks.append(step_peak_bytes(reslab.create_model("densenet_bc16", memory_efficient=True), x, y))
+            assert torch.get_num_threads() == n  # restored
+    finally:
+        torch.set_num_threads(threads)
+    assert peaks[0] == peaks[1]

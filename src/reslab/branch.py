@@ -67,7 +67,7 @@ class Sources(tuple):
     def joined(self) -> Tensor:
         """``torch.cat(self, 1)``, made on the first call (a single tensor is its own concatenation)."""
         if self._joined is None:
-            self._joined = self[0] if len(self) == 1 else torch.cat(self, 1)
+            self._joined = self[0] if len(self) == 1 else torch.cat(tuple(self), 1)  # a plain tuple: no graph break
         return self._joined
 
     def parts(self) -> "Sources":

@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, help="default 0")
     tr.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     tr.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast (CUDA only)")
+    tr.add_argument("--compile", action="store_true", default=None,
+                    help="train through torch.compile of the model (part of the run's config: the numbers change in "
+                         "the last bits); compiling costs seconds to a minute before the first step, so it pays off "
+                         "on long runs only (benchmarks/bench_compile.py; for that reason `reproduce` compiles none "
+                         "of its short runs)")
     tr.add_argument("--out", required=True, type=Path, help="run directory")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its last checkpoint (options, if given, must match it)")

@@ -9,8 +9,10 @@ Three measurements on the ``densenet_bc`` family (DenseNet-BC, growth rate 12, b
    concatenation, BN, ReLU and the first conv recomputed in backward, ``O(n)``). Measured with the allocator: the
    CPU allocator's every allocation and free of the step, in order, from ``torch.profiler`` (``profile_memory``),
    whose running sum peaks at the step's peak (parameters, allocated before, excluded; on CUDA
-   ``torch.cuda.max_memory_allocated`` counts the same). The count is deterministic (the same ops allocate the same
-   bytes), so one measurement per point is exact. Random CIFAR-shaped inputs (3x32x32: the values do not change what
+   ``torch.cuda.max_memory_allocated`` counts the same). On one thread the count is deterministic (the same ops
+   allocate the same bytes), so one measurement per point is exact; with two, per-thread scratch buffers added 6%
+   to the memory-efficient peak (found when the 4x run, measured after in-process training had set two threads,
+   disagreed with the 1x run), so :func:`~reslab.footprint.step_peak_bytes` measures on one. Random CIFAR-shaped inputs (3x32x32: the values do not change what
    is allocated). Each mode gets a linear and a quadratic least-squares fit ``m(L)`` and a power law
    ``m = a + b L^p`` (``p`` by a grid search with ``a, b`` by least squares): the fitted exponent ``p``.
 2. **Accuracy per parameter.** DenseNet-BCs and ResNets (the ``resnet`` family, He et al.'s CIFAR nets) of about
