@@ -163,3 +163,21 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.25, window: float = 3
         if not other >= threshold or time.perf_counter() >= deadline:
             return other
         print(f"other processes use {other:.1f} cores; waiting for a quiet machine", flush=True)
+
+
+def write_benchmark(script: str, title: str, doc: str, threads: int, seconds: float, body: str, start: str,
+                    end: str) -> Path:
+    """Write a benchmark's result as its marked section of BENCHMARKS.md: ``## title (`benchmarks/script`)``, the
+    script's docstring after its first paragraph, the machine, the date, the command line it ran with and how long
+    it took, then ``body``."""
+    import datetime
+    import shlex
+    import sys
+
+    cmd = f"python benchmarks/{script} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    head = (f"## {title} (`benchmarks/{script}`)\n\n{doc.split(chr(10) * 2, 1)[1].strip()}\n\n"
+            f"- machine: {cpu_name()} ({os.cpu_count()} cores), torch.set_num_threads({threads}); torch "
+            f"{torch.__version__}, Python {platform.python_version()}\n- date: {datetime.date.today()}\n"
+            f"- command: `{cmd}` ({seconds:.0f} s)\n")
+    return write_marked_section(Path(__file__).resolve().parents[1] / "BENCHMARKS.md", start, end, head + body)
+

@@ -34,13 +34,9 @@ import argparse
 import atexit
 import contextlib
 import copy
-import datetime
 import os
-import platform
-import shlex
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +48,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import reslab  # noqa: E402
-from _timing import OtherLoad, cpu_name, interleaved, median_ci, n_params, write_marked_section  # noqa: E402
+from _timing import OtherLoad, interleaved, median_ci, n_params, write_benchmark  # noqa: E402
 from reslab.losses import loss_fn  # noqa: E402
 from reslab.train import TrainConfig, make_optimizer  # noqa: E402
 
@@ -236,13 +232,8 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if args.write:
-        cmd = "python benchmarks/bench_compile.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        head = (f"## torch.compile for training (`benchmarks/bench_compile.py`)\n\n"
-                f"{__doc__.split(chr(10) * 2, 1)[1].strip()}\n\n"
-                f"- machine: {cpu_name()} ({os.cpu_count()} cores), torch.set_num_threads({args.threads}); torch "
-                f"{torch.__version__}, Python {platform.python_version()}\n- date: {datetime.date.today()}\n"
-                f"- command: `{cmd}` ({time.perf_counter() - t_start:.0f} s)\n")
-        path = write_marked_section(ROOT / "BENCHMARKS.md", START, END, head + body)
+        path = write_benchmark("bench_compile.py", "torch.compile for training", __doc__, args.threads,
+                               time.perf_counter() - t_start, body, START, END)
         print(f"wrote {path}")
 
 

@@ -145,7 +145,8 @@ def main() -> None:
            f"{alloc['efficient'] / alloc['naive']:.2f}**"] if alloc else []),
         f"- median step: naive {1e3 * statistics.median(times['naive']):.0f} ms, memory-efficient "
         f"{1e3 * statistics.median(times['efficient']):.0f} ms",
-        f"- **peak memory ratio {mem_ratio:.2f}{' (resident set size)' if alloc else ''}, step time ratio {r:.3f} (95% CI {lo:.3f}-{hi:.3f})**: "
+        f"- **peak memory ratio {mem_ratio:.2f}{' (resident set size)' if alloc else ''}, step time ratio {r:.3f} "
+        f"(95% CI {lo:.3f}-{hi:.3f})**: "
         + ("meets the targets" if ok else "misses a target") + f" (<= {TARGET['memory']}, <= {TARGET['time']})",
     ])
     print(body)

@@ -55,13 +55,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import os
-import platform
 import resource
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -69,7 +64,7 @@ import torch
 from torch import Tensor, nn
 
 import reslab
-from _timing import OtherLoad, cpu_name, median_ci, n_params, round_order, wait_until_quiet, write_marked_section
+from _timing import OtherLoad, median_ci, n_params, round_order, wait_until_quiet, write_benchmark
 from reslab.losses import loss_fn
 from reslab.models.gpt import GPT_RECIPE
 from reslab.train import TrainConfig, make_optimizer
@@ -367,13 +362,8 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if args.write:
-        cmd = "python benchmarks/bench_efficiency.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        head = (f"## CPU efficiency of a GPT step (`benchmarks/bench_efficiency.py`)\n\n"
-                f"{__doc__.split(chr(10) * 2, 1)[1].strip()}\n\n"
-                f"- machine: {cpu_name()} ({os.cpu_count()} cores), torch.set_num_threads({args.threads}); torch "
-                f"{torch.__version__}, Python {platform.python_version()}\n- date: {datetime.date.today()}\n"
-                f"- command: `{cmd}` ({time.perf_counter() - t_start:.0f} s)\n")
-        path = write_marked_section(ROOT / "BENCHMARKS.md", START, END, head + body)
+        path = write_benchmark("bench_efficiency.py", "CPU efficiency of a GPT step", __doc__, args.threads,
+                               time.perf_counter() - t_start, body, START, END)
         print(f"wrote {path}")
 
 
