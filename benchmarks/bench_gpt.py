@@ -5,12 +5,14 @@ family, 12 layers (24 sublayers), context 128, heads of 64, at ``--widths`` (def
 timed in the same process in interleaved rounds (the order rotates each round); ratios are paired per round and
 summarised by their median with a 95% confidence interval.
 
-1. **Schemes vs Pre-LN**: every registered transformer scheme, plus Block AttnRes computed the naive way
-   (``NaiveBlockAttnRes`` below: each site re-normalises and re-scores every source) beside reslab's two-phase
-   form (cached block keys, one batched product per block, the partial sum merged by an online softmax); their
-   outputs are checked equal first. Memory: bytes of the tensors autograd saves for backward (unique storages,
-   via ``torch.autograd.graph.saved_tensors_hooks``), the activation memory a training step holds at its peak;
-   on CUDA also ``torch.cuda.max_memory_allocated``.
+1. **Schemes vs Pre-LN**: every registered transformer scheme, plus two references computed another way, whose
+   outputs are checked equal first: Block AttnRes computed the naive way (``NaiveBlockAttnRes`` below: each site
+   re-normalises and re-scores every source) beside reslab's two-phase form, and Full AttnRes as reslab computed it
+   until 2026-12 (``StackedAttnRes``: stacked ``(M, n, d)`` keys and values re-made at every completion, kept by
+   every read for backward). Memory: bytes of the tensors autograd saves for backward (unique storages, via
+   ``torch.autograd.graph.saved_tensors_hooks``), the activation memory a training step holds at its peak; on CUDA
+   also ``torch.cuda.max_memory_allocated``. Targets (issue 12): Block AttnRes step <= 1.05x Pre-LN's at d=256
+   (1.10 at 512); Full AttnRes saved activations <= 1.5x Pre-LN's and its step <= its stacked reference's.
 2. **reslab Pre-LN vs a hand-written nanoGPT-style stack** with identical layers (weights copied, outputs checked
    equal): the cost of the shared trunk and the scheme object (target <= 1.03).
 3. **Peers** (optional: ``pip install -e '.[bench]'``): reslab's Pre-LN GPT vs ``x_transformers``'
@@ -25,12 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import os
-import platform
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -39,17 +36,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import reslab
-from _timing import (OtherLoad, cpu_name, interleaved, make_step, median_ci, n_params,
-                     wait_until_quiet, write_marked_section)
-from reslab.residuals.attnres import BlockAttnRes, key_norm
+from _timing import OtherLoad, interleaved, make_step, median_ci, n_params, wait_until_quiet, write_benchmark
+from reslab.residuals.attnres import EPS, AttnRes, BlockAttnRes, key_norm
 from reslab.losses import loss_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench_gpt -->", "<!-- /bench_gpt -->"
 VOCAB, CTX, LAYERS = 128, 128, 12
 SCHEMES = ["postln", "sandwich", "deepnorm", "rezero", "layerscale", "skipinit", "scaled", "value_residual",
-           "attnres", "block_attnres", "naive block_attnres", "hc", "mhc", "denseformer"]
-TARGETS = {("block_attnres", 256): 1.15, ("block_attnres", 512): 1.10}
+           "attnres", "stacked attnres", "block_attnres", "naive block_attnres", "hc", "mhc", "denseformer"]
+#: step time / Pre-LN's, per (scheme, width)
+TARGETS = {("block_attnres", 256): 1.05, ("block_attnres", 512): 1.10}
+#: saved activations / Pre-LN's, at every width
+MEMORY_TARGETS = {"attnres": 1.5}
+#: step time of a scheme / its reference computation's, at every width (the same outputs, checked)
+REFERENCE_TARGETS = {"attnres": ("stacked attnres", 1.0)}
 
 
 class NaiveBlockAttnRes(BlockAttnRes):
@@ -57,9 +58,82 @@ class NaiveBlockAttnRes(BlockAttnRes):
     partial sum), RMS-normalise every key again and take one softmax. Same parameters and outputs."""
 
     def _aggregate(self, state, q: int):
-        srcs = state.values if state.partial is None else torch.cat([state.values, state.partial.unsqueeze(1)], 1)
-        a = torch.softmax(key_norm(srcs) @ self.queries[q].to(srcs.dtype), dim=-1)  # (M, S)
-        return (a.unsqueeze(-1) * srcs).sum(1), a
+        srcs = torch.stack(state.sources + (() if state.partial is None else (state.partial,)), -2)  # (..., S, d)
+        a = torch.softmax(key_norm(srcs) @ self.queries[q].to(srcs.dtype), dim=-1)  # (..., S)
+        return (a.unsqueeze(-1) * srcs).sum(-2), a.movedim(-1, 0).unsqueeze(-1)
+
+
+class _StackedState:
+    """``StackedAttnRes``'s state: stacked ``(M, n, d)`` keys/values, partial sum, phase-1 cache."""
+
+    __slots__ = ("pos", "shape", "keys", "values", "partial", "read", "cache")
+
+    def __init__(self, pos, shape, keys, values, partial, read, cache) -> None:
+        self.pos, self.shape, self.keys, self.values = pos, shape, keys, values
+        self.partial, self.read, self.cache = partial, read, cache
+
+
+class StackedAttnRes(AttnRes):
+    """Full AttnRes as reslab computed it until 2026-12 (the reference of the saved-activation target): every
+    completion appends the new key and value to stacked ``(M, n, d)`` tensors (``torch.cat``, a new copy each
+    time), one batched product per read, the partial sum merged by an online softmax. Each read keeps its stacks
+    for backward: O(L^2 M d) saved activations. Same parameters and outputs as ``attnres``."""
+
+    def _phase1(self, state, first: int, count: int):
+        z = state.keys @ self.queries[first:first + count].t().to(state.keys.dtype)  # (M, n, S)
+        p = torch.softmax(z, dim=1)
+        o = p.transpose(1, 2).to(state.values.dtype) @ state.values
+        lse = torch.logsumexp(z, dim=1) if self.block_size > 1 else None
+        return p, o, lse
+
+    def _aggregate(self, state, q: int):
+        h, alpha = self._read(state, q)  # (M, d), (M, S)
+        lead = state.shape[:-1]
+        return h.reshape(state.shape), alpha.t().reshape(-1, *lead, 1)  # as reslab's scheme gives them
+
+    def _read(self, state, q: int):
+        pos, bs = state.pos, self.block_size
+        if q == pos:
+            block, start = pos // bs, pos // bs * bs
+            if state.cache is None or state.cache[0] != block:
+                count = min(start + bs, len(self.specs) + 1) - start
+                state.cache = (block, start, *self._phase1(state, start, count))
+            _, first, p, o, lse = state.cache
+            s = q - first
+        else:
+            p, o, lse = self._phase1(state, q, 1)
+            s = 0
+        p, o = p[:, :, s], o[:, s]
+        P = state.partial
+        if P is None:
+            return o, p
+        w = self.queries[q].to(P.dtype)
+        zp = (P @ w) * torch.rsqrt(torch.linalg.vecdot(P, P) / P.shape[-1] + EPS)
+        sig = torch.sigmoid(zp - lse[:, s]).unsqueeze(-1)
+        h = torch.lerp(o, P.to(o.dtype), sig.to(o.dtype))
+        return h, torch.cat([p * (1.0 - sig), sig], dim=-1)
+
+    def begin(self, x0: Tensor):
+        v = x0.reshape(-1, 1, x0.shape[-1])
+        return _StackedState(0, x0.shape, key_norm(v), v, None, x0, None)
+
+    def _advance(self, state, partial):
+        pos, keys, values, cache = state.pos + 1, state.keys, state.values, state.cache
+        if pos % self.block_size == 0:
+            if partial is not None:
+                keys = torch.cat([keys, key_norm(partial).unsqueeze(1)], dim=1)
+                values = torch.cat([values, partial.unsqueeze(1)], dim=1)
+            partial, cache = None, None
+        return _StackedState(pos, state.shape, keys, values, partial, state.read, cache)
+
+    def write(self, state, i: int, out: Tensor, h: Tensor):
+        if self.tap is not None:
+            self.tap("contribution", i, out)
+        v = out.reshape(-1, out.shape[-1])
+        return self._advance(state, v if state.partial is None else state.partial + v)
+
+    def skip(self, state, i: int):
+        return self._advance(state, state.partial)
 
 
 def gpt(residual: str, d: int, **kw) -> nn.Module:
@@ -68,12 +142,15 @@ def gpt(residual: str, d: int, **kw) -> nn.Module:
                                n_heads=d // 64, **kw)
 
 
-def naive_block(d: int) -> nn.Module:
-    m = gpt("block_attnres", d)
+def reference(name: str, d: int) -> nn.Module:
+    """The GPT of ``name``'s scheme with the scheme computed by its reference class (same weights)."""
+    cls, base = {"naive block_attnres": (NaiveBlockAttnRes, "block_attnres"),
+                 "stacked attnres": (StackedAttnRes, "attnres")}[name]
+    m = gpt(base, d)
     s = m.trunk.scheme
-    naive = NaiveBlockAttnRes(s.specs, block_size=s.block_size, norm="pre")
-    naive.load_state_dict(s.state_dict())
-    m.trunk.scheme = naive
+    ref = cls(s.specs, norm="pre", **({"block_size": s.block_size} if base == "block_attnres" else {}))
+    ref.load_state_dict(s.state_dict())
+    m.trunk.scheme = ref
     return m
 
 
@@ -202,6 +279,10 @@ def verdict(r: list[float], target: float) -> str:
     return word + ("; the CI spans the target" if lo <= target < hi else "")
 
 
+def memory_verdict(ratio: float, target: float) -> str:
+    return f"saved <= {target:.2f}: " + ("meets" if ratio <= target else "MISSES")
+
+
 def run_width(d: int, args: argparse.Namespace, lines: list[str]) -> None:
     dev = torch.device(args.device)
     batch = args.batch * (512 // d) if args.batch_scales else args.batch
@@ -211,12 +292,14 @@ def run_width(d: int, args: argparse.Namespace, lines: list[str]) -> None:
     nets: dict[str, nn.Module] = {"preln": gpt("preln", d)}
     schemes = args.schemes or SCHEMES
     for s in schemes:
-        nets[s] = naive_block(d) if s == "naive block_attnres" else gpt(s, d)
-    diff = float("nan")
-    if {"naive block_attnres", "block_attnres"} <= set(nets):
-        with torch.no_grad():
-            diff = (nets["naive block_attnres"](x.cpu()) - nets["block_attnres"](x.cpu())).abs().max().item()
-        assert diff < 1e-4, f"naive and two-phase Block AttnRes differ by {diff}"
+        nets[s] = reference(s, d) if " " in s else gpt(s, d)
+    checks = []
+    for ref, ours in (("naive block_attnres", "block_attnres"), ("stacked attnres", "attnres")):
+        if {ref, ours} <= set(nets):
+            with torch.no_grad():
+                diff = (nets[ref](x.cpu()) - nets[ours](x.cpu())).abs().max().item()
+            assert diff < 1e-4, f"{ref} and {ours} differ by {diff}"
+            checks.append(f"- {ref} (reference) vs {ours} outputs: max |diff| {diff:.1e}")
     nets = {k: v.to(dev) for k, v in nets.items()}
     mem = {k: saved_bytes(m, x, y) / 2**20 for k, m in nets.items()}
     peak = {k: cuda_peak(m, x, y) for k, m in nets.items()} if dev.type == "cuda" else {}
@@ -228,7 +311,7 @@ def run_width(d: int, args: argparse.Namespace, lines: list[str]) -> None:
                         on_round=lambda r, t: print(f"  d={d} round {r + 1}/{args.rounds}", flush=True))
     r = ratios(times, "preln")
     lines.append(f"\n### d={d}, 12 layers, context {CTX}, batch {batch}, {args.device}\n")
-    lines.append(f"- naive vs two-phase Block AttnRes outputs: max |diff| {diff:.1e}")
+    lines += checks
     lines.append(f"- Pre-LN: median step {1e3 * statistics.median(times['preln']):.1f} ms, {n_params(nets['preln'])} "
                  f"parameters, saved activations {mem['preln']:.1f} MiB"
                  + (f", CUDA peak {peak['preln']:.0f} MiB" if peak else ""))
@@ -237,10 +320,16 @@ def run_width(d: int, args: argparse.Namespace, lines: list[str]) -> None:
     lines.append("| scheme | step time / Pre-LN [95% CI] | saved activations / Pre-LN | target |")
     lines.append("|---|---|---|---|")
     for k in schemes:
-        tgt = TARGETS.get((k, d))
+        tgt, mtgt = TARGETS.get((k, d)), MEMORY_TARGETS.get(k)
         extra = f" (CUDA peak {peak[k] / peak['preln']:.2f})" if peak else ""
-        lines.append(f"| {k} | {fmt(r[k])} | {mem[k] / mem['preln']:.2f}{extra} | "
-                     f"{'' if tgt is None else verdict(r[k], tgt)} |")
+        words = ([] if tgt is None else [verdict(r[k], tgt)]) + \
+            ([] if mtgt is None else [memory_verdict(mem[k] / mem["preln"], mtgt)])
+        lines.append(f"| {k} | {fmt(r[k])} | {mem[k] / mem['preln']:.2f}{extra} | {'; '.join(words)} |")
+    for k, (ref, tgt) in REFERENCE_TARGETS.items():
+        if {k, ref} <= set(times):
+            rr = [p / q for p, q in zip(times[k], times[ref])]
+            lines.append(f"\n- **{k} / {ref}**: step {fmt(rr)} (target {verdict(rr, tgt)}); saved activations "
+                         f"{mem[k]:.1f} / {mem[ref]:.1f} MiB = {mem[k] / mem[ref]:.2f}")
 
 
 def run_reference(d: int, args: argparse.Namespace, lines: list[str]) -> None:
@@ -331,12 +420,8 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if args.write:
-        cmd = "python benchmarks/bench_gpt.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        head = (f"## Transformer schemes (`benchmarks/bench_gpt.py`)\n\n{__doc__.split(chr(10) * 2, 1)[1].strip()}\n\n"
-                f"- machine: {cpu_name()} ({os.cpu_count()} cores), torch.set_num_threads({args.threads}); torch "
-                f"{torch.__version__}, Python {platform.python_version()}\n- date: {datetime.date.today()}\n"
-                f"- command: `{cmd}` ({time.perf_counter() - t0:.0f} s)\n")
-        path = write_marked_section(ROOT / "BENCHMARKS.md", START, END, head + body)
+        path = write_benchmark("bench_gpt.py", "Transformer schemes", __doc__, args.threads, time.perf_counter() - t0,
+                               body, START, END)
         print(f"wrote {path}")
 
 
