@@ -79,7 +79,8 @@ def timings() -> dict[str, str]:
     """The GPU ratios of issue 12 (see the module docstring): each benchmark's printed result."""
     env = {"PYTHONPATH": str(ROOT / "src")}
     cmds = {"bench_densenet": ["bench_densenet.py", "--device", "cuda", "--rounds", "10", "--steps", "5"],
-            "bench_gpt": ["bench_gpt.py", "--device", "cuda", "--schemes", "block_attnres", "attnres", "stacked attnres",
+            "bench_gpt": ["bench_gpt.py", "--device", "cuda", "--schemes", "block_attnres", "attnres",
+                          "stacked attnres",
                           "--skip-reference", "--rounds", "10", "--steps", "10"]}
     out = {}
     for name, cmd in cmds.items():
