@@ -3,6 +3,8 @@ mix in one output folder, and Ctrl-C stops the worker pool at once with every ru
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import signal
 import subprocess
 import sys
@@ -97,7 +99,10 @@ def test_budget_scales_what_each_claim_says():
     for rid, cfg in planned(lm, "smoke", 4).items():
         base = lm.runs("smoke")[rid]
         assert cfg.train_samples == 4 * base.train_samples and cfg.epochs == base.epochs
-    assert planned(deg, "smoke", 1) == deg.runs("smoke")
+    # at budget 1 the runs are the claim's own, evaluating the training set once, after the final epoch
+    assert planned(deg, "smoke", 1) == {rid: replace(c, eval_train="final") for rid, c in deg.runs("smoke").items()}
+    assert {c.eval_train for c in deg.runs("smoke").values()} == {True}
+    assert {c.eval_train for c in planned(lm, "smoke", 1).values()} == {False}  # the claim's own choice is kept
 
 
 def _claim_json(root, name, verdict, checks):
