@@ -3,13 +3,12 @@ mix in one output folder, and Ctrl-C stops the worker pool at once with every ru
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 
 from reslab import runs
 from reslab.cli import main
