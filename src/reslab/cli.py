@@ -1,4 +1,4 @@
-"""The ``reslab`` command: ``list``, ``train``, ``diagnose`` and ``reproduce``.
+"""The ``reslab`` command: ``list``, ``train``, ``diagnose``, ``reproduce``, ``sweep``, ``report`` and ``export``.
 
 Bad input (unknown names, incompatible options, invalid sizes, missing data) prints one line,
 ``reslab: error: ...``, and exits with status 2 before any run directory is created.
@@ -116,9 +116,43 @@ def _parser() -> argparse.ArgumentParser:
                     help="also run every claim at K times its budget (each claim says what K multiplies) into "
                          "OUT/budget-K, and mark a claim whose checks change outcome 'inconclusive at this budget'")
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
-    rb = sub.add_parser("report", help="rebuild report.md and report.html of a reproduce folder from its artifacts")
-    rb.add_argument("dir", type=Path, help="the --out folder of `reslab reproduce` (finished or partly finished)")
+    _backend_args(rp)
+
+    sw = sub.add_parser("sweep", help="run a grid of training runs from a TOML file (resumable; see reslab.sweep)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_sweep_epilog())
+    sw.add_argument("file", type=Path, help="the sweep's TOML file")
+    sw.add_argument("--out", required=True, type=Path, help="sweep directory (rerun into it to resume)")
+    sw.add_argument("--jobs", type=int, help="runs at once (local default: CPU count, at most 4; ray: the cluster's "
+                    "free CPUs)")
+    sw.add_argument("--dry-run", action="store_true", help="validate the file and list its runs; write nothing")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    _backend_args(sw)
+
+    rb = sub.add_parser("report", help="write report.md and report.html of a reproduce or sweep folder from its "
+                        "artifacts")
+    rb.add_argument("dir", type=Path, help="the --out folder of `reslab reproduce` or `reslab sweep` (finished or "
+                    "partly finished)")
+    rb.add_argument("--metric", help="sweeps: the final metric to show (default: the sweep's, else test_error)")
+
+    ex = sub.add_parser("export", help="every run's metrics (one row per epoch) as CSV, from a run, sweep or "
+                        "reproduce folder")
+    ex.add_argument("dir", type=Path, help="a run directory, or a folder with runs/ (sweep, reproduce)")
+    ex.add_argument("--csv", type=Path, required=True, help="the CSV file to write ('-' for standard output)")
     return p
+
+
+def _backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="local: a process pool on this machine; ray: Ray tasks (pip install 'reslab[ray]')")
+    p.add_argument("--address", help="ray: join this cluster (e.g. auto, ray://HOST:10001); default: start a local "
+                   "Ray for this command")
+    p.add_argument("--gpus-per-run", type=float, default=0.0, help="ray: GPUs each run asks for (default 0)")
+
+
+def _sweep_epilog() -> str:
+    from reslab import sweep
+
+    return "sweep file:\n" + sweep.__doc__.split("three tables::", 1)[1].split("An axis is", 1)[0].rstrip()
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
@@ -229,6 +263,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> None:
 
 def _cmd_reproduce(args: argparse.Namespace) -> None:
     from reslab.experiments import get_claim, list_claims, run_claim
+    from reslab.engine import check_backend
     from reslab.experiments.base import check_data, check_reuse, compare_budgets
     from reslab.report.render import SMOKE_NOTE, render
 
@@ -242,6 +277,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
     if args.budget < 1:
         raise ValueError(f"--budget must be a positive integer, got {args.budget}")
     larger = out / f"budget-{args.budget}"
+    check_backend(args.backend, args.address)
     check_data(claims, args.profile)
     check_reuse(claims, args.profile, out)
     if args.budget > 1:
@@ -249,9 +285,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
     note = f" ({SMOKE_NOTE})" if args.profile == "smoke" else ""
     for claim in claims:
         start = time.perf_counter()
-        verdict = run_claim(claim, args.profile, out, jobs=args.jobs, quiet=args.quiet).verdict
+        engine = dict(jobs=args.jobs, quiet=args.quiet, backend=args.backend, address=args.address,
+                      gpus_per_run=args.gpus_per_run)
+        verdict = run_claim(claim, args.profile, out, **engine).verdict
         if args.budget > 1:
-            run_claim(claim, args.profile, larger, jobs=args.jobs, quiet=args.quiet, budget=args.budget)
+            run_claim(claim, args.profile, larger, budget=args.budget, **engine)
             render(larger)
             rec = compare_budgets(out, larger, claim, args.budget)
             verdict = (f"{rec['verdict']} (1x: {rec['budget']['verdict_1x']}, {args.budget}x: "
@@ -261,20 +299,52 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
     print(f"report: {md} and {html}")
 
 
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from reslab import sweep
+
+    if args.jobs is not None and args.jobs <= 0:
+        raise ValueError(f"--jobs must be positive, got {args.jobs}")
+    plan = sweep.parse(sweep.read_spec(args.file))
+    if args.dry_run:
+        for rid, (axes, _) in plan.runs.items():
+            print(f"{rid}  ({sweep.where_of(axes)})")
+        print(f"{len(plan.runs)} runs; nothing written")
+        return
+    index = sweep.run_sweep(plan, args.out, args.backend, args.jobs, args.address, args.gpus_per_run,
+                            echo=None if args.quiet else print)
+    counts = ", ".join(f"{n} {s}" for s, n in index.counts().items() if n)
+    print(f"sweep: {counts} -> {args.out} (index.json; `reslab report {args.out}` for the summary)")
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
     from reslab.report.render import render
 
     if not args.dir.is_dir():
         raise ValueError(f"{args.dir} is not a directory")
-    md, html = render(args.dir)
+    if (args.dir / "sweep.json").exists():
+        from reslab.report.sweep import render_sweep
+
+        md, html = render_sweep(args.dir, args.metric)
+    elif args.metric is not None:
+        raise ValueError("--metric applies to sweep folders only")
+    else:
+        md, html = render(args.dir)
     print(f"report: {md} and {html}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from reslab.report.export import export_csv
+
+    n = export_csv(args.dir, args.csv)
+    if str(args.csv) != "-":
+        print(f"export: {n} rows -> {args.csv}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         {"list": _cmd_list, "train": _cmd_train, "diagnose": _cmd_diagnose, "reproduce": _cmd_reproduce,
-         "report": _cmd_report}[args.command](args)
+         "report": _cmd_report, "sweep": _cmd_sweep, "export": _cmd_export}[args.command](args)
     except ValueError as e:
         print(f"reslab: error: {e}", file=sys.stderr)
         return 2
@@ -283,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reslab: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("reslab: interrupted; rerun with --resume (train) or the same command (reproduce) to continue",
+        print("reslab: interrupted; rerun with --resume (train) or the same command (reproduce, sweep) to continue",
               file=sys.stderr)
         return 130
     return 0

@@ -101,6 +101,11 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
     return rows
 
 
+def as_json(obj: Any) -> Any:
+    """``obj`` as it reads back from the JSON that :func:`write_json` writes (tuples become lists...)."""
+    return json.loads(json.dumps(obj, default=_jsonable))
+
+
 def _jsonable(o: Any) -> Any:
     if isinstance(o, (tuple, set, frozenset)):
         return list(o)

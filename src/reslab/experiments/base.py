@@ -11,9 +11,7 @@ re-running ``reproduce`` on the same output directory skips finished runs and co
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, replace
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -367,64 +365,37 @@ def check_reuse(claims: Sequence[Claim], profile: str, root: Path, budget: int =
                                  f"{', '.join(diff)}): write this reproduction to another --out")
 
 
-def _init_worker() -> None:
-    """A worker's progress bars lock with a thread lock: tqdm's default also makes a multiprocessing semaphore,
-    which a worker stopped by Ctrl-C would leave behind."""
-    import threading
-
-    tqdm.set_lock(threading.RLock())
-
-
-def _run_packed(args: tuple[TrainConfig, str, int]) -> str:
-    return _run_one(*args)
-
-
-def _run_one(cfg: TrainConfig, out: str, threads: int) -> str:
-    import torch
-
-    from reslab.train import train
-
-    torch.set_num_threads(threads)
-    return train(cfg, out, resume=True, quiet=True).status
-
-
-def default_jobs() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
-
-
 def run_claim(claim: Claim, profile: str, root: Path, jobs: int | None = None, quiet: bool = False,
-              budget: int = 1) -> ClaimResult:
+              budget: int = 1, backend: str = "local", address: str | None = None,
+              gpus_per_run: float = 0.0) -> ClaimResult:
     """Run (or resume) every run of ``claim`` under ``root/runs`` and analyse them into ``root/claims/NAME``;
     ``budget`` K > 1 runs the profile at K times its size (:func:`planned`).
 
-    Runs go to ``jobs`` worker processes with one thread each: the models of the quick profile are small,
-    and one thread per process avoids oversubscribing the cores.
+    The runs go through :func:`reslab.engine.run_jobs` on ``backend`` (``jobs`` worker processes with one
+    thread each by default: the models of the quick profile are small; ``ray`` spreads them over a cluster).
+    A failed run does not stop the others; the claim then stops with the first failure's error.
     """
+    from reslab.engine import Job, run_jobs
+
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; expected one of {', '.join(PROFILES)}")
     if budget < 1:
         raise ValueError(f"budget must be a positive integer, got {budget}")
-    specs = planned(claim, profile, budget)
-    jobs = default_jobs() if jobs is None else jobs
-    if jobs <= 0:
+    if jobs is not None and jobs <= 0:
         raise ValueError(f"jobs must be positive, got {jobs}")
+    specs = planned(claim, profile, budget)
     check_reuse([claim], profile, root, budget)
     _record(root, profile, budget, claim.name)
     runs_dir, out = root / "runs", root / "claims" / claim.name
-    todo = {rid: cfg for rid, cfg in specs.items() if not _finished(runs_dir / rid)}
+    todo = [Job(rid, cfg, str(runs_dir / rid)) for rid, cfg in specs.items() if not _finished(runs_dir / rid)]
     bar = tqdm(total=len(specs), initial=len(specs) - len(todo), disable=quiet, desc=claim.name, unit="run")
-    if jobs == 1:
-        for rid, cfg in todo.items():
-            _run_one(cfg, str(runs_dir / rid), threads=max(1, os.cpu_count() or 1))
-            bar.update(1)
-    elif todo:
-        work = [(cfg, str(runs_dir / rid), 1) for rid, cfg in todo.items()]
-        # leaving the block terminates the pool: on Ctrl-C or a failed run no queued run starts and the running
-        # ones stop at once (their files are written atomically; each resumes from its last checkpoint)
-        with get_context("spawn").Pool(jobs, initializer=_init_worker) as pool:
-            for _ in pool.imap_unordered(_run_packed, work):
-                bar.update(1)
+    outcomes = run_jobs(todo, backend, workers=jobs, address=address, gpus_per_run=gpus_per_run,
+                        on_done=lambda o: bar.update(1))
     bar.close()
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        raise ValueError(f"{claim.name}: {len(failed)} of {len(todo)} runs failed; run {failed[0].key}: "
+                         f"{failed[0].error}")
     out.mkdir(parents=True, exist_ok=True)
     result = claim.analyse(Context(specs, runs_dir, out, profile, budget))
     runs.write_json(out / "claim.json", {"claim": claim.name, "title": claim.title, "statement": claim.statement,

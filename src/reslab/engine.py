@@ -1,0 +1,198 @@
+"""Where training runs execute: a local process pool, or Ray tasks on a local or existing Ray cluster.
+
+reslab writes no scheduler of its own. A *job* is one training run (a :class:`~reslab.train.TrainConfig` and the
+run directory it trains into); :func:`run_jobs` hands a list of them to a backend and reports each outcome as it
+arrives:
+
+- ``local`` (the default): a ``spawn`` process pool of ``workers`` processes (default: the CPU count, at most
+  4), one torch thread per run, so that small models do not oversubscribe the cores. ``workers=1`` trains in
+  this process with every core (and restores the thread count after).
+- ``ray``: each run is a Ray task asking for ``cpus_per_run`` CPUs (its torch threads) and ``gpus_per_run`` GPUs.
+  ``address`` joins an existing cluster (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``); without it a
+  local Ray is started for the call and stopped after. On a cluster the run directories must be on a file
+  system every node sees (the runs write their own artifacts), and reslab must be installed on every node.
+  Ray is an optional extra: ``pip install 'reslab[ray]'``.
+
+Every run goes through :func:`reslab.train.train` with ``resume=True``, so a job whose directory holds a killed run
+continues it (with the same final numbers) and a finished one returns at once. A failed run never stops the
+others: its error is reported as :class:`Outcome` ``status="failed"``. Ctrl-C stops every backend at once: the
+pool is terminated and Ray tasks are cancelled; each run's files are written atomically, so each resumes from
+its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import queue
+import traceback
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    from reslab.train import TrainConfig
+
+BACKENDS = ("local", "ray")
+RAY_MISSING = "the ray backend needs Ray: pip install 'reslab[ray]'"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run: ``cfg`` trained into the directory ``out``; ``key`` names it to the caller (a run id)."""
+
+    key: str
+    cfg: TrainConfig
+    out: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a job: ``status`` is ``completed``, ``diverged`` or ``failed`` (``error`` then says why, in
+    one line: a ``ValueError``'s message, or the exception's type and message)."""
+
+    key: str
+    status: str
+    error: str | None = None
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def execute(job: Job, threads: int) -> Outcome:
+    """Train one job with ``threads`` torch threads; every exception becomes a ``failed`` outcome (the thread
+    count of the calling process is restored)."""
+    import torch
+
+    from reslab.train import train
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return Outcome(job.key, train(job.cfg, job.out, resume=True, quiet=True).status)
+    except ValueError as e:
+        return Outcome(job.key, "failed", str(e).splitlines()[0] if str(e) else "ValueError")
+    except Exception as e:  # noqa: BLE001 (a bug or a resource error in one run must not stop the others)
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        first = str(e).splitlines()[0] if str(e) else ""
+        return Outcome(job.key, "failed", f"{type(e).__name__}: {first} ({os.path.basename(where.filename)}:"
+                                          f"{where.lineno})")
+    finally:
+        torch.set_num_threads(before)
+
+
+def _init_worker() -> None:
+    """A worker's progress bars lock with a thread lock: tqdm's default also makes a multiprocessing semaphore,
+    which a worker stopped by Ctrl-C would leave behind."""
+    import threading
+
+    from tqdm.auto import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
+def check_backend(backend: str, address: str | None = None) -> None:
+    """Refuse an unknown backend, an address without Ray, or Ray when it is not installed (one line each)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if address is not None and backend != "ray":
+        raise ValueError("--address applies to --backend ray only")
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ValueError(RAY_MISSING)
+
+
+def run_jobs(jobs: Sequence[Job], backend: str = "local", workers: int | None = None, address: str | None = None,
+             cpus_per_run: int = 1, gpus_per_run: float = 0.0, on_start: Callable[[Job], None] | None = None,
+             on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Run every job on ``backend`` and return their outcomes in completion order.
+
+    ``on_start`` is called (in this process) when a job is handed to the backend, ``on_done`` when its outcome
+    arrives. ``workers`` bounds the runs in flight (local: the pool size; Ray: ``None`` lets the cluster's
+    resources decide).
+    """
+    check_backend(backend, address)
+    if workers is not None and workers <= 0:
+        raise ValueError(f"workers must be positive, got {workers}")
+    if cpus_per_run <= 0 or gpus_per_run < 0:
+        raise ValueError("cpus_per_run must be positive and gpus_per_run non-negative")
+    start = on_start or (lambda job: None)
+    done = on_done or (lambda outcome: None)
+    outcomes: list[Outcome] = []
+
+    def finish(o: Outcome) -> None:
+        outcomes.append(o)
+        done(o)
+
+    if backend == "ray":
+        _run_ray(jobs, workers, address, cpus_per_run, gpus_per_run, start, finish)
+        return outcomes
+    workers = min(default_workers() if workers is None else workers, len(jobs))
+    if workers <= 1:  # in this process, with every core
+        threads = max(1, os.cpu_count() or 1) if cpus_per_run == 1 else cpus_per_run
+        ready: list[Outcome] = []
+        _drive(jobs, 1, lambda job: ready.append(execute(job, threads)), lambda: [ready.pop()], start, finish)
+        return outcomes
+    arrived: queue.Queue[Outcome] = queue.Queue()
+    # leaving the block terminates the pool: on Ctrl-C no queued run starts and the running ones stop at once
+    with get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+        def submit(job: Job) -> None:
+            def lost(e: BaseException) -> None:  # the job could not be sent to or returned from a worker
+                arrived.put(Outcome(job.key, "failed", f"{type(e).__name__}: {e}"))
+
+            pool.apply_async(execute, (job, cpus_per_run), callback=arrived.put, error_callback=lost)
+
+        _drive(jobs, workers, submit, lambda: [arrived.get()], start, finish)
+    return outcomes
+
+
+def _drive(jobs: Sequence[Job], limit: int, submit: Callable[[Job], None], wait: Callable[[], list[Outcome]],
+           start: Callable[[Job], None], finish: Callable[[Outcome], None]) -> None:
+    """Keep ``limit`` jobs in flight: a job is started (``start``, then ``submit``) when a slot is free, so that
+    what the caller marks as started is running, not queued."""
+    pending, in_flight = list(jobs), 0
+    while pending or in_flight:
+        while pending and in_flight < limit:
+            job = pending.pop(0)
+            start(job)
+            submit(job)
+            in_flight += 1
+        for o in wait():
+            in_flight -= 1
+            finish(o)
+
+
+def _run_ray(jobs: Sequence[Job], workers: int | None, address: str | None, cpus: int, gpus: float,
+             start: Callable[[Job], None], finish: Callable[[Outcome], None]) -> None:
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        opts: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        if address is None:
+            opts["num_cpus"] = workers * cpus if workers is not None else (os.cpu_count() or 1)
+        ray.init(address=address, **opts)
+    remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(execute)
+    running: dict[Any, Job] = {}
+
+    def submit(job: Job) -> None:
+        running[remote.remote(job, cpus)] = job
+
+    def wait() -> list[Outcome]:
+        ready, _ = ray.wait(list(running), num_returns=1)
+        out = []
+        for ref in ready:
+            job = running.pop(ref)
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayError as e:  # the worker died (killed, out of memory)
+                out.append(Outcome(job.key, "failed", f"Ray task failed: {str(e).splitlines()[0]}"))
+        return out
+
+    try:
+        _drive(jobs, workers or len(jobs), submit, wait, start, finish)
+    finally:
+        for ref in running:
+            ray.cancel(ref, force=True)
+        if started_here:
+            ray.shutdown()

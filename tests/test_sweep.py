@@ -1,0 +1,192 @@
+"""Sweeps: a TOML grid expanded into runs, run on the local pool and on Ray with identical numbers, an index that
+records every state (a failed or diverged run does not stop the others), resumable reruns, the report and CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from reslab import runs, sweep
+from reslab.cli import main
+from reslab.engine import Job, run_jobs
+from reslab.train import TrainConfig
+
+TINY = """
+[base]
+model = "mlp"
+data = "mnist1d:200"
+epochs = 2
+batch_size = 64
+[base.model_kwargs]
+width = 8
+"""
+
+
+def parse(text: str) -> sweep.Sweep:
+    import tomllib
+
+    return sweep.parse(tomllib.loads(text))
+
+
+def test_axes_expand_into_the_product_with_readable_ids_and_full_configs():
+    s = parse(TINY + """
+[sweep]
+plain_twins = true
+[axes]
+depth = [4, 6]
+lr = [0.1, 0.05]
+seed = [0, 1]
+width = [8, 12]
+""")
+    assert s.axes["residual"] == ["identity", "plain"]  # the twin axis comes first
+    assert len(s.runs) == 2 * 2 * 2 * 2 * 2
+    rid = "residual-plain_depth-6_lr-0.05_seed-1_width-12"
+    values, cfg = s.runs[rid]
+    assert values == {"residual": "plain", "depth": 6, "lr": 0.05, "seed": 1, "width": 12}
+    assert (cfg.model, cfg.residual, cfg.lr, cfg.seed, cfg.model_kwargs) == ("mlp6", "plain", 0.05, 1, {"width": 12})
+    # the family's recipe under the base: what `reslab train --model mlp6` would use, with the base on top
+    recipe = TrainConfig.for_model("mlp6", data="mnist1d:200", epochs=2, batch_size=64, lr=0.05, seed=1,
+                                   residual="plain", model_kwargs={"width": 12})
+    assert cfg == recipe
+
+
+def test_scheme_and_family_options_as_axes_dotted_or_as_tables():
+    dotted = parse(TINY.replace('model = "mlp"', 'model = "mlp4"') + """
+[axes]
+residual = ["scaled"]
+"residual_kwargs.b" = [0.5, 0.25]
+""")
+    table = parse(TINY.replace('model = "mlp"', 'model = "mlp4"') + """
+[axes]
+residual = ["scaled"]
+[axes.residual_kwargs]
+b = [0.5, 0.25]
+""")
+    assert list(dotted.runs) == list(table.runs) == ["residual-scaled_residual.b-0.5",
+                                                      "residual-scaled_residual.b-0.25"]
+    assert [c.residual_kwargs for _, c in dotted.runs.values()] == [{"b": 0.5}, {"b": 0.25}]
+    assert [c.residual_kwargs for _, c in table.runs.values()] == [{"b": 0.5}, {"b": 0.25}]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ('[axes]\nseed = []', "non-empty list"),
+    ('[axes]\nnosuch = [1]', "unknown axis 'nosuch'"),
+    ('[axes]\nseed = [0, 0]', "repeats a value"),
+    ('[axes]\nresidual = ["identity", "nosuch"]', "residual='nosuch'"),
+    ('[axes]\ndepth = [4, 5]\n', "depth=5"),
+    ('[axes]\nlr = [0.1, -1.0]', "lr must be positive"),
+    ('[sweep]\nmetric = "accuracy"\n[axes]\nseed = [0]', "unknown metric"),
+    ('[axes]\nwidth = [8]\n"model_kwargs.width" = [8]', "same option"),
+])
+def test_every_problem_is_one_line_naming_it(extra, needle):
+    text = TINY + extra
+    if "depth" not in extra:
+        text = text.replace('model = "mlp"', 'model = "mlp4"')
+    with pytest.raises(ValueError, match=None) as e:
+        parse(text)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def _write(tmp_path: Path, body: str) -> Path:
+    f = tmp_path / "sweep.toml"
+    f.write_text(TINY.replace('model = "mlp"', 'model = "mlp4"') + body)
+    return f
+
+
+def _finals(root: Path) -> dict[str, dict]:
+    idx = runs.read_json(root / "index.json")["runs"]
+    return {k: {m: v for m, v in r["final"].items() if m != "time_s"} for k, r in idx.items() if r["final"]}
+
+
+def test_failed_and_diverged_runs_do_not_stop_the_others_and_reruns_skip_finished(tmp_path, capsys):
+    # lr 1e6 diverges; device cuda fails at run time on this CPU machine (it is valid config, checked by train())
+    f = _write(tmp_path, '[axes]\nlr = [0.05, 1e6]\ndevice = ["cpu", "cuda"]\n')
+    out = tmp_path / "out"
+    assert main(["sweep", str(f), "--out", str(out), "--jobs", "2", "--quiet"]) == 0
+    idx = runs.read_json(out / "index.json")
+    states = {k: r["state"] for k, r in idx["runs"].items()}
+    assert states["lr-0.05_device-cpu"] == "done"
+    assert states["lr-1000000.0_device-cpu"] == "diverged"
+    import torch
+
+    if not torch.cuda.is_available():
+        assert states["lr-0.05_device-cuda"] == "failed"
+        assert "CUDA" in idx["runs"]["lr-0.05_device-cuda"]["error"]
+    assert idx["counts"]["done"] == 1 and sum(idx["counts"].values()) == 4
+    stamp = (out / "runs" / "lr-0.05_device-cpu" / "metrics.jsonl").stat().st_mtime_ns
+    assert main(["sweep", str(f), "--out", str(out), "--jobs", "2", "--quiet"]) == 0  # rerun: retries failed only
+    assert (out / "runs" / "lr-0.05_device-cpu" / "metrics.jsonl").stat().st_mtime_ns == stamp
+    assert {k: r["state"] for k, r in runs.read_json(out / "index.json")["runs"].items()} == states
+    # another sweep in the same directory is refused, nothing changed
+    g = _write(tmp_path, '[axes]\nlr = [0.07]\n')
+    assert main(["sweep", str(g), "--out", str(out), "--quiet"]) == 2
+    assert "holds another sweep" in capsys.readouterr().err
+
+
+def test_local_and_ray_give_identical_metrics_and_one_process_agrees(tmp_path):
+    pytest.importorskip("ray")
+    f = _write(tmp_path, '[sweep]\nplain_twins = true\n[axes]\nlr = [0.1, 0.05]\nseed = [0, 1]\n')
+    for name, extra in (("pool", ["--jobs", "2"]), ("one", ["--jobs", "1"]), ("ray", ["--backend", "ray", "--jobs", "2"])):
+        assert main(["sweep", str(f), "--out", str(tmp_path / name), "--quiet", *extra]) == 0
+    pool, one, ray = (_finals(tmp_path / n) for n in ("pool", "one", "ray"))
+    assert len(pool) == 8 and pool == ray  # one thread per run in both: the same numbers
+    # in this process with every core: another summation order, the same numbers to float precision
+    assert one.keys() == pool.keys()
+    for k in pool:
+        assert one[k] == pytest.approx(pool[k], rel=1e-5, abs=1e-7), k
+
+
+def test_report_table_plots_and_csv_export(tmp_path, capsys):
+    f = _write(tmp_path, '[sweep]\nmetric = "test_loss"\n[axes]\nresidual = ["identity", "rezero"]\n'
+                         'lr = [0.1, 0.02]\nseed = [0, 1]\n')
+    out = tmp_path / "out"
+    assert main(["sweep", str(f), "--out", str(out), "--jobs", "2", "--quiet"]) == 0
+    assert main(["report", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| residual | lr | runs | test_loss (mean ± sd over seeds) |" in md
+    finals = _finals(out)
+    a, b = (finals[f"residual-rezero_lr-0.02_seed-{s}"]["test_loss"] for s in (0, 1))
+    import statistics
+
+    assert f"| rezero | 0.02 | 2 done | {statistics.fmean([a, b]):.4g} ± {statistics.stdev([a, b]):.2g} |" in md
+    for axis in ("residual", "lr"):
+        assert (out / "figures" / f"test_loss_vs_{axis}.png").stat().st_size > 1000
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    assert main(["export", str(out), "--csv", str(tmp_path / "m.csv")]) == 0
+    rows = list(csv.DictReader((tmp_path / "m.csv").open()))
+    assert len(rows) == 8 * 2  # runs x epochs
+    assert {"run", "residual", "lr", "seed", "status", "epoch", "test_loss"} <= set(rows[0])
+    last = [r for r in rows if r["run"] == "residual-rezero_lr-0.02_seed-1" and r["epoch"] == "2"][0]
+    assert float(last["test_loss"]) == finals["residual-rezero_lr-0.02_seed-1"]["test_loss"]
+    assert main(["report", str(out), "--metric", "nosuch"]) == 2
+
+
+def test_export_of_one_run_and_of_a_folder_without_runs(tmp_path, capsys):
+    assert main(["train", "--model", "mlp4", "--model-arg", "width=8", "--data", "mnist1d:200", "--epochs", "2",
+                 "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), "--csv", "-"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("run,model,residual,shortcut,seed,lr,epochs,data,status,epoch") and len(lines) == 3
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(tmp_path / "empty"), "--csv", str(tmp_path / "x.csv")]) == 2
+    assert "holds no run" in capsys.readouterr().err and not (tmp_path / "x.csv").exists()
+
+
+def test_engine_reports_each_outcome_and_restores_the_thread_count(tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    cfg = TrainConfig.for_model("mlp4", data="mnist1d:200", epochs=1, model_kwargs={"width": 8})
+    started, done = [], []
+    outs = run_jobs([Job("a", cfg, str(tmp_path / "a")), Job("b", cfg, str(tmp_path / "b"))], workers=1,
+                    on_start=lambda j: started.append(j.key), on_done=lambda o: done.append(o.key))
+    assert [o.status for o in outs] == ["completed", "completed"] and started == done == ["a", "b"]
+    (tmp_path / "f").write_text("{}")
+    bad = run_jobs([Job("c", cfg, str(tmp_path / "f"))], workers=1)[0]
+    assert bad.status == "failed" and "is a file" in bad.error
+    assert torch.get_num_threads() == threads
+    assert json.loads((tmp_path / "a" / "result.json").read_text())["status"] == "completed"
