@@ -27,3 +27,14 @@ def test_readme_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         code = compile(block, f"README.md python block {i + 1}", "exec")
         exec(code, namespace)  # noqa: S102 (the README's own code)
     assert (tmp_path / "runs" / "readme-mlp20" / "checkpoint.pt").is_file()
+
+
+def test_readme_sweep_file_is_a_valid_sweep() -> None:
+    import tomllib
+
+    from reslab import sweep
+
+    blocks = re.findall(r"^```toml[ \t]*\n(.*?)^```[ \t]*$", README.read_text(), flags=re.S | re.M)
+    assert len(blocks) == 1
+    s = sweep.parse(tomllib.loads(blocks[0]))
+    assert len(s.runs) == 2 * 3 * 2 * 3 * 2  # residual (with the plain twin) x depth x lr x seed x width

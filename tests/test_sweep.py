@@ -190,3 +190,28 @@ def test_engine_reports_each_outcome_and_restores_the_thread_count(tmp_path):
     assert bad.status == "failed" and "is a file" in bad.error
     assert torch.get_num_threads() == threads
     assert json.loads((tmp_path / "a" / "result.json").read_text())["status"] == "completed"
+
+
+def test_reproduce_on_ray_equals_the_local_pool(tmp_path, capsys):
+    pytest.importorskip("ray")
+    for name, extra in (("local", ["--jobs", "2"]), ("ray", ["--backend", "ray", "--jobs", "2"])):
+        assert main(["reproduce", "--profile", "smoke", "--only", "degradation", "--out", str(tmp_path / name),
+                     "--quiet", *extra]) == 0
+    local, ray = (json.loads((tmp_path / n / "claims" / "degradation" / "claim.json").read_text()) for n in
+                  ("local", "ray"))
+    assert local["table"] == ray["table"] and local["checks"] == ray["checks"]
+    ids = sorted(p.name for p in (tmp_path / "local" / "runs").iterdir())
+    assert ids == sorted(p.name for p in (tmp_path / "ray" / "runs").iterdir())
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
+    for rid in ids:
+        assert strip(runs.read_jsonl(tmp_path / "local" / "runs" / rid / "metrics.jsonl")) == \
+            strip(runs.read_jsonl(tmp_path / "ray" / "runs" / rid / "metrics.jsonl"))
+
+
+def test_a_sweep_file_is_data_never_code(tmp_path):
+    """Strings that look like code stay strings: a config is parsed, never evaluated or imported."""
+    marker = tmp_path / "pwned"
+    f = _write(tmp_path, f'[axes]\nresidual = ["__import__(\'os\').system(\'touch {marker}\')"]\n')
+    with pytest.raises(ValueError, match="unknown residual scheme"):
+        sweep.parse(sweep.read_spec(f))
+    assert not marker.exists()
