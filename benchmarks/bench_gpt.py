@@ -30,6 +30,7 @@ import contextlib
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,8 @@ SCHEMES = ["postln", "sandwich", "deepnorm", "rezero", "layerscale", "skipinit",
 TARGETS = {("block_attnres", 256): 1.05, ("block_attnres", 512): 1.10}
 #: saved activations / Pre-LN's, at every width
 MEMORY_TARGETS = {"attnres": 1.5}
+#: the GPT Pre-LN step measured at each width (seconds), for the machinery's share
+PRELN_STEP: dict[int, float] = {}
 #: step time of a scheme / its reference computation's, at every width (the same outputs, checked)
 REFERENCE_TARGETS = {"attnres": ("stacked attnres", 1.0)}
 
@@ -310,6 +313,7 @@ def run_width(d: int, args: argparse.Namespace, lines: list[str]) -> None:
     times = interleaved(steps, args.rounds, args.steps, args.device,
                         on_round=lambda r, t: print(f"  d={d} round {r + 1}/{args.rounds}", flush=True))
     r = ratios(times, "preln")
+    PRELN_STEP[d] = statistics.median(times["preln"])
     lines.append(f"\n### d={d}, 12 layers, context {CTX}, batch {batch}, {args.device}\n")
     lines += checks
     lines.append(f"- Pre-LN: median step {1e3 * statistics.median(times['preln']):.1f} ms, {n_params(nets['preln'])} "
@@ -330,6 +334,62 @@ def run_width(d: int, args: argparse.Namespace, lines: list[str]) -> None:
             rr = [p / q for p, q in zip(times[k], times[ref])]
             lines.append(f"\n- **{k} / {ref}**: step {fmt(rr)} (target {verdict(rr, tgt)}); saved activations "
                          f"{mem[k]:.1f} / {mem[ref]:.1f} MiB = {mem[k] / mem[ref]:.2f}")
+
+
+class Scale(nn.Module):
+    """A near-free branch, ``h * c``: what is left of a trunk step is the scheme's own work."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.c = nn.Parameter(torch.full((d,), 0.5))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h * self.c
+
+
+def machinery_step(residual: str, d: int, tokens: int) -> Callable[[], None]:
+    """Forward + backward of the trunk of ``residual`` (24 pre-norm sublayers) with :class:`Scale` branches on
+    ``tokens`` random tokens."""
+    from reslab.branch import BranchSpec
+    from reslab.residuals import create_residual
+    from reslab.trunk import Trunk
+
+    torch.manual_seed(0)
+    specs = [BranchSpec(d, d, 1, "features", "mlp" if i % 2 else "attn") for i in range(2 * LAYERS)]
+    branches = [Scale(d) for _ in specs]
+    scheme = create_residual(residual, specs, **({} if residual == "preln" else {"norm": "pre"}))
+    scheme.bind(branches)
+    trunk, x = Trunk(branches, scheme), torch.randn(tokens, d, requires_grad=True)
+
+    def step() -> None:
+        trunk(x).square().mean().backward()
+
+    return step
+
+
+def run_machinery(d: int, args: argparse.Namespace, lines: list[str]) -> None:
+    """What the depth-attention machinery costs with (almost) nothing else in the step: the trunk with
+    :class:`Scale` branches, at the benchmark's tokens and at 8 tokens (where Python and the op dispatch are all
+    of the cost), beside Pre-LN's trunk and as a share of the GPT Pre-LN step measured above."""
+    batch = args.batch * (512 // d) if args.batch_scales else args.batch
+    out = {}
+    for tokens in (batch * CTX, 8):
+        steps = {k: machinery_step(k, d, tokens) for k in ("preln", "block_attnres", "attnres")}
+        for st in steps.values():
+            st()
+        times = interleaved(steps, args.rounds, 5, "cpu", clock="cpu")
+        out[tokens] = {k: statistics.median(v) for k, v in times.items()}
+    gpt_step = PRELN_STEP.get(d)
+    lines.append(f"\n### The depth-attention machinery alone, d={d} (trunk of {2 * LAYERS} pre-norm sublayers with "
+                 f"near-free branches h * c; thread CPU time, {args.rounds} rounds x 5 steps)\n")
+    lines.append("| tokens | Pre-LN trunk (ms) | block_attnres trunk (ms) | attnres trunk (ms) | block_attnres - Pre-LN "
+                 "(ms) | as a share of the GPT Pre-LN step |")
+    lines.append("|---|---|---|---|---|---|")
+    for tokens, t in out.items():
+        extra = t["block_attnres"] - t["preln"]
+        share = f"{extra / gpt_step:.1%}" if gpt_step else "-"
+        lines.append(f"| {tokens} | {1e3 * t['preln']:.1f} | {1e3 * t['block_attnres']:.1f} | {1e3 * t['attnres']:.1f} "
+                     f"| {1e3 * extra:.1f} | {share} |")
 
 
 def run_reference(d: int, args: argparse.Namespace, lines: list[str]) -> None:
@@ -415,6 +475,8 @@ def main() -> None:
     for d in args.widths:
         if not args.skip_schemes:
             run_width(d, args, lines)
+            if args.device == "cpu":
+                run_machinery(d, args, lines)
         if not args.skip_reference:
             run_reference(d, args, lines)
     body = "\n".join(lines)
