@@ -215,3 +215,37 @@ def test_a_sweep_file_is_data_never_code(tmp_path):
     with pytest.raises(ValueError, match="unknown residual scheme"):
         sweep.parse(sweep.read_spec(f))
     assert not marker.exists()
+
+
+class _Shell:
+    """Pickles as ``os.system("touch MARKER")``: what a planted checkpoint would run if it were unpickled freely."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_sweep_workers_load_checkpoints_with_the_safe_loader(tmp_path, backend, capsys):
+    """A run to resume whose checkpoint was replaced by a pickled command: the worker refuses it (the run fails
+    with the loader's one line), runs nothing, and the other runs finish."""
+    if backend == "ray":
+        pytest.importorskip("ray")
+    import torch
+
+    f = _write(tmp_path, '[axes]\nseed = [0, 1]\n')
+    out = tmp_path / "out"
+    assert main(["sweep", str(f), "--out", str(out), "--quiet"]) == 0
+    victim = out / "runs" / "seed-0"
+    marker = tmp_path / "pwned"
+    torch.save({"model": _Shell(marker)}, victim / "checkpoint.pt")
+    runs.write_json(victim / "result.json", {"status": "running", "epoch": 1})  # as if killed: to be resumed
+    assert main(["sweep", str(f), "--out", str(out), "--quiet", "--backend", backend, "--jobs", "2"]) == 0
+    idx = runs.read_json(out / "index.json")["runs"]
+    assert idx["seed-0"]["state"] == "failed" and "refused" in idx["seed-0"]["error"]
+    assert idx["seed-1"]["state"] == "done"
+    assert not marker.exists()
