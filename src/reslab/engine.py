@@ -83,12 +83,15 @@ def execute(job: Job, threads: int) -> Outcome:
 
 
 def _init_worker() -> None:
-    """A worker's progress bars lock with a thread lock: tqdm's default also makes a multiprocessing semaphore,
-    which a worker stopped by Ctrl-C would leave behind."""
+    """A pool worker ignores Ctrl-C (the terminal sends it to the whole process group): the parent stops it by
+    terminating the pool, so a Ctrl-C prints one line, not a traceback per worker. Its progress bars lock with a
+    thread lock: tqdm's default also makes a multiprocessing semaphore, which a stopped worker would leave behind."""
+    import signal
     import threading
 
     from tqdm.auto import tqdm
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     tqdm.set_lock(threading.RLock())
 
 
