@@ -102,7 +102,9 @@ def plot_axis(plan: dict[str, Any], rows: list[dict[str, Any]], axis: str, metri
         return False
     if numeric and min(values) > 0 and max(values) / min(values) >= 10:
         plots.log_axis(ax, "x", ticks=values)
-    elif not numeric:
+    elif numeric:
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+    else:
         ax.set_xticks(xs, [str(v) for v in values], rotation=30 if max(len(str(v)) for v in values) > 8 else 0)
     ax.set_xlabel(axis)
     ax.set_ylabel(f"final {metric}")
