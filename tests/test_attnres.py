@@ -404,3 +404,13 @@ def test_compiled_model_trains_like_eager(scheme):
     torch.compile(m, backend="aot_eager")(x).square().mean().backward()
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scheme", ["attnres", "block_attnres"])
+def test_an_empty_batch_runs_forward_and_backward(scheme):
+    """A DDP rank whose shard of a last batch is empty still runs the model (0 tokens: no shape is ambiguous)."""
+    m = reslab.create_model("gpt2", scheme, num_classes=16, input_shape=(8,), d_model=32, n_heads=2)
+    y = m(torch.randint(0, 16, (0, 8)))
+    y.sum().backward()
+    assert y.shape == (0, 8, 16)
+    assert all(p.grad is not None and not p.grad.any() for p in m.parameters())

@@ -249,3 +249,13 @@ def test_sweep_workers_load_checkpoints_with_the_safe_loader(tmp_path, backend, 
     assert idx["seed-0"]["state"] == "failed" and "refused" in idx["seed-0"]["error"]
     assert idx["seed-1"]["state"] == "done"
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("argv", [["sweep", "{f}", "--out", "{d}"], ["reproduce", "--profile", "smoke", "--out", "{d}"]])
+def test_sweep_and_reproduce_refuse_to_run_under_torchrun(tmp_path, monkeypatch, capsys, argv):
+    f = _write(tmp_path, '[axes]\nseed = [0]\n')
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main([a.replace("{f}", str(f)).replace("{d}", str(tmp_path / "out")) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not run under torchrun" in err[0] and not (tmp_path / "out").exists()

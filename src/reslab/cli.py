@@ -343,6 +343,12 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command in ("reproduce", "sweep"):
+            from reslab.distributed import launched
+
+            if launched():  # every rank would run every run, each run joining a process group of strangers
+                raise ValueError(f"`reslab {args.command}` does not run under torchrun (only `reslab train` does); "
+                                 "spread its runs with --backend ray instead")
         {"list": _cmd_list, "train": _cmd_train, "diagnose": _cmd_diagnose, "reproduce": _cmd_reproduce,
          "report": _cmd_report, "sweep": _cmd_sweep, "export": _cmd_export}[args.command](args)
     except ValueError as e:

@@ -11,6 +11,15 @@ A run directory holds::
 Data order and augmentation are drawn from generators seeded by ``(seed, epoch)``, and the global RNG state
 (used by dropout) is saved in every checkpoint, so ``resume=True`` after a kill ends with the same metrics as
 an uninterrupted run. A non-finite loss stops the run and records it as diverged at that step.
+
+Several processes: under ``torchrun --nproc_per_node=N -m reslab train ...`` (``WORLD_SIZE > 1`` in the environment)
+the same loop trains with DistributedDataParallel (NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on the CPU):
+every rank draws and augments the single-process global batch and trains on its shard, with the loss weighted so
+that the averaged gradient is the global batch's; losses and errors are all-reduced, so the metrics are those of one
+process (to floating-point rounding; BatchNorm statistics are per rank on the CPU, synchronised on CUDA; dropout
+masks differ). Only rank 0 writes the run directory (the config is the same TrainConfig; ``env.json`` records
+``world_size``); a killed run resumes under torchrun with every rank loading the checkpoint. Details, and which
+models need DDP's ``find_unused_parameters``: :mod:`reslab.distributed`.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from reslab import footprint, runs
+from reslab import distributed, footprint, runs
 from reslab.data import Dataset, load_dataset
 from reslab.losses import loss_fn
 from reslab.models import ResidualNet, create_model, parse_model_name
@@ -337,6 +346,10 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
           data: Dataset | None = None) -> RunResult:
     """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its last checkpoint.
 
+    Under torchrun (``WORLD_SIZE > 1``) every rank calls this with the same arguments and trains its shard of each
+    batch with DistributedDataParallel (see the module docstring); only rank 0 writes ``out_dir``, and every rank
+    returns the same result.
+
     Raises:
         ValueError: invalid config, unknown names, an existing run without ``resume``, or a ``resume`` whose
             stored config differs. Nothing is created on disk before the config has been checked.
@@ -356,8 +369,33 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
         if result.get("status") in ("completed", "diverged"):
             return RunResult(out, result["status"], runs.read_jsonl(out / "metrics.jsonl"),
                              result.get("diverged_step"), result.get("reason"))
-    device = resolve_device(cfg.device)
-    data = data if data is not None else load_dataset(cfg.data)
+    device = distributed.device_for(resolve_device(cfg.device))
+    with distributed.process_group(device) as ctx:
+        return _train(cfg, out, resume, quiet, data, device, ctx)
+
+
+def _batch_loss(logits: Tensor, yb: Tensor, targets: int,
+                ctx: distributed.Context | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss to backpropagate, the batch's mean loss and its number of errors.
+
+    One process: the mean over the batch. Several: this rank's shard of a global batch of ``targets`` targets; the
+    loss to backpropagate is the shard's sum times ``world / targets`` (DDP's average over ranks makes it the global
+    batch's mean), and the mean and errors are all-reduced over the ranks (the same numbers on every rank).
+    """
+    if ctx is None:
+        loss = loss_fn(logits, yb)
+        return loss, loss.detach(), (logits.detach().argmax(-1) != yb).sum()
+    local = loss_fn(logits, yb, reduction="sum")
+    wrong = (logits.detach().argmax(-1) != yb).sum()
+    total = distributed.all_sum(torch.stack([local.detach().double(), wrong.double()]))
+    return local * (ctx.world / targets), (total[0] / targets).float(), total[1].round().long()
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, data: Dataset | None, device: torch.device,
+           ctx: distributed.Context | None) -> RunResult:
+    main = ctx is None or ctx.main
+    stored = out / "config.json"
+    data = data if data is not None else distributed.rank0_first(ctx, lambda: load_dataset(cfg.data))
     fam, depth = parse_model_name(cfg.model)
     batch = (min(cfg.batch_size, len(data.y_train)), *data.input_shape)
     probes = tuple(d for d in range(1, 1000) if fam.check_depth(d))[:2]
@@ -369,8 +407,15 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
     except (MemoryError, torch.OutOfMemoryError) as e:
         raise ValueError(f"model {cfg.model!r} is too large for memory ({str(e).splitlines()[0]})") from None
     check_compatible(cfg, data, model, device)
+    x_tr, y_tr = data.x_train[:cfg.train_samples].to(device), data.y_train[:cfg.train_samples].to(device)
+    find_unused = False
+    if ctx is not None:
+        probe = data.prepare(x_tr[:2], train=False)
+        distributed.check_shards(model, probe, len(y_tr), cfg.batch_size, ctx.world, sync_bn=device.type == "cuda")
+        find_unused = bool(distributed.unused_parameters(model, probe, y_tr[:2]))
+        model = distributed.prepare_model(model, device)
+        ctx.barrier()  # every rank has checked everything: now rank 0 may create the run directory
     opt = make_optimizer(cfg, model)
-    forward = torch.compile(model, dynamic=False) if cfg.compile else model  # shares model's parameters
 
     metrics: list[dict[str, Any]] = []
     start_epoch, step = 0, 0
@@ -384,20 +429,27 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
         if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
     else:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"cannot create run directory {out}: {e.strerror or e}") from None
-        runs.write_json(stored, {"train": cfg.to_dict(), "model": model.config})
-        runs.write_json(out / "env.json", runs.environment(device))
+        if main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"cannot create run directory {out}: {e.strerror or e}") from None
+            env = runs.environment(device)
+            env["world_size"] = 1 if ctx is None else ctx.world
+            if ctx is not None:
+                env["distributed_backend"] = ctx.backend
+            runs.write_json(stored, {"train": cfg.to_dict(), "model": model.config})
+            runs.write_json(out / "env.json", env)
         torch.manual_seed(cfg.seed)
-    runs.write_json(out / "result.json", {"status": "running", "epoch": start_epoch})
+    if main:
+        runs.write_json(out / "result.json", {"status": "running", "epoch": start_epoch})
+    net = model if ctx is None else distributed.wrap(model, device, find_unused)
+    forward = torch.compile(net, dynamic=False) if cfg.compile else net  # shares model's parameters
 
-    x_tr, y_tr = data.x_train[:cfg.train_samples].to(device), data.y_train[:cfg.train_samples].to(device)
     x_te, y_te = data.x_test.to(device), data.y_test.to(device)
     n = len(y_tr)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, disable=quiet, leave=False,
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, disable=quiet or not main, leave=False,
                desc=f"{cfg.model}/{cfg.residual} s{cfg.seed}", unit="step", dynamic_ncols=True)
     diverged_step: int | None = None
     reason: str | None = None
@@ -405,33 +457,41 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
     with _deterministic():
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
+            if ctx is not None:  # per-rank dropout masks, the same after a resume
+                torch.manual_seed(distributed.rank_seed(cfg.seed, epoch, ctx.rank))
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             wrong = torch.zeros((), device=device, dtype=torch.long)
             for idx, gen in _epoch_batches(n, cfg.batch_size, cfg.seed, epoch):
                 idx = idx.to(device)
                 xb, yb = data.prepare(x_tr[idx], train=True, generator=gen), y_tr[idx]
+                targets = yb.numel()
+                if ctx is not None:  # every rank prepared the whole global batch: it trains on its own shard
+                    part = distributed.shard(len(yb), ctx.rank, ctx.world)
+                    xb, yb = xb[part], yb[part]
                 lr = lr_at(cfg, step, steps_per_epoch)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 with _autocast(device, cfg.amp):
                     logits = forward(xb)
-                loss = loss_fn(logits, yb)
+                loss, mean, batch_wrong = _batch_loss(logits, yb, targets, ctx)
                 step += 1
-                if not torch.isfinite(loss):
+                if not torch.isfinite(mean):
                     diverged_step, reason = step, f"non-finite loss at step {step}"
                     break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                loss_sum += loss.detach() * yb.numel()
-                wrong += (logits.detach().argmax(-1) != yb).sum()
+                loss_sum += mean * targets
+                wrong += batch_wrong
                 bar.update(1)
             if diverged_step is not None:
                 break
             row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lr,
                                    "train_loss": loss_sum.item() / y_tr.numel(),
                                    "train_error": wrong.item() / y_tr.numel()}
+            if ctx is not None:  # BatchNorm statistics are per rank on the CPU: evaluate rank 0's on every rank
+                distributed.sync_buffers(model)
             if cfg.eval_train is True or (cfg.eval_train == "final" and epoch + 1 == cfg.epochs):
                 ev = evaluate(model, data, x_tr, y_tr, amp=cfg.amp)
                 row.update(train_eval_loss=ev["loss"], train_eval_error=ev["error"])
@@ -439,21 +499,24 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
             row.update(test_loss=ev["loss"], test_error=ev["error"], time_s=time.perf_counter() - t0)
             metrics.append(row)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_err=f"{row['test_error']:.3f}")
-            runs.write_jsonl(out / "metrics.jsonl", metrics)
-            runs.save_torch(ckpt_path, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step,
-                "metrics": metrics, "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+            if main:
+                runs.write_jsonl(out / "metrics.jsonl", metrics)
+                runs.save_torch(ckpt_path, {
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step,
+                    "metrics": metrics, "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
             if row["train_loss"] > exploded:  # finite but useless: stop as a divergence, saying why
                 diverged_step = step
                 reason = (f"loss exploded in epoch {epoch + 1} (mean training loss {row['train_loss']:.3g} nats, "
                           f"over {EXPLODED_LOSS_FACTOR}x chance = {exploded:.3g})")
                 break
-            runs.write_json(out / "result.json", {"status": "running", "epoch": epoch + 1})
+            if main:
+                runs.write_json(out / "result.json", {"status": "running", "epoch": epoch + 1})
     bar.close()
     status = "diverged" if diverged_step is not None else "completed"
-    runs.write_json(out / "result.json", {"status": status, "diverged_step": diverged_step, "reason": reason,
-                                          "epochs_done": len(metrics), "final": metrics[-1] if metrics else None})
+    if main:
+        runs.write_json(out / "result.json", {"status": status, "diverged_step": diverged_step, "reason": reason,
+                                              "epochs_done": len(metrics), "final": metrics[-1] if metrics else None})
     return RunResult(out, status, metrics, diverged_step, reason)
 
 

@@ -181,7 +181,7 @@ class SourceLogits(torch.autograd.Function):
             Wl, v = Wl.to(dt), v.to(dt)
         with _exact(v):
             r = memory.rms_inv(v)
-            z = torch.mm(Wl, v.reshape(-1, v.shape[-1]).t()).view(-1, *r.shape).mul_(r)
+            z = torch.mm(Wl, v.reshape(-1, v.shape[-1]).t()).view(Wl.shape[0], *r.shape).mul_(r)
         memory.store(j, lo, z)
         ctx.memory, ctx.j, ctx.lo, ctx.num_queries = memory, j, lo, W.shape[0]
         ctx.set_materialize_grads(False)
