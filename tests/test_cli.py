@@ -152,8 +152,8 @@ def test_resume_refuses_options_that_change_the_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("content,needle", [
     ("{}", "not a reslab run config"),
-    ('{"train": {"epochs": "many"}, "model": {}}', "config.json: invalid literal for int() with base 10: 'many'"),
-    ('{"train": {"lr": [1]}, "model": {}}', "config.json: training config has a value of the wrong type"),
+    ('{"train": {"epochs": "many"}, "model": {}}', "config.json: epochs must be an integer, got 'many'"),
+    ('{"train": {"lr": [1]}, "model": {}}', "config.json: lr must be a number, got [1]"),
     ('{"train": {"nosuch": 1}, "model": {}}', "unknown training option 'nosuch'"),
     ("{not json", "config.json is not valid JSON"),
     ("[1, 2]", "not a reslab run config"),

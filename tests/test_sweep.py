@@ -259,3 +259,23 @@ def test_sweep_and_reproduce_refuse_to_run_under_torchrun(tmp_path, monkeypatch,
     assert main([a.replace("{f}", str(f)).replace("{d}", str(tmp_path / "out")) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not run under torchrun" in err[0] and not (tmp_path / "out").exists()
+
+
+def test_tensorboard_event_files_hold_every_epochs_metrics(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "mlp4", "--model-arg", "width=8", "--data", "mnist1d:200", "--epochs", "3",
+                 "--out", str(run), "--quiet", "--tensorboard"]) == 0
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    metrics = runs.read_jsonl(run / "metrics.jsonl")
+    for key in ("train_loss", "test_loss", "test_error", "lr"):
+        events = board.Scalars(key)
+        assert [e.step for e in events] == [1, 2, 3]
+        assert [e.value for e in events] == pytest.approx([m[key] for m in metrics], rel=1e-6)
+    # a sweep's runs too
+    f = _write(tmp_path, '[axes]\nseed = [0, 1]\n')
+    assert main(["sweep", str(f), "--out", str(tmp_path / "sw"), "--quiet", "--tensorboard"]) == 0
+    assert all(any((tmp_path / "sw" / "runs" / f"seed-{s}" / "tensorboard").iterdir()) for s in (0, 1))

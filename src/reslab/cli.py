@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from reslab.train import TrainConfig
 
 
+TENSORBOARD_HELP = ("also write each run's metrics as TensorBoard event files (RUN/tensorboard; needs "
+                    "pip install 'reslab[tensorboard]')")
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)  # `--ep 2` is an error, not `--epochs 2`
@@ -94,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its last checkpoint (options, if given, must match it)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
 
     from reslab.diagnostics.diagnose import MEASUREMENTS, help_text
 
@@ -126,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
                     "free CPUs)")
     sw.add_argument("--dry-run", action="store_true", help="validate the file and list its runs; write nothing")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    sw.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
     _backend_args(sw)
 
     rb = sub.add_parser("report", help="write report.md and report.html of a reproduce or sweep folder from its "
@@ -210,7 +216,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     option given on the command line on top; an option that would have no effect is refused."""
     from reslab.train import TrainConfig, read_run_config
 
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "out", "resume", "quiet")}
+    given = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("command", "out", "resume", "quiet", "tensorboard")}
     for key in ("residual_kwargs", "model_kwargs"):
         if key in given:
             given[key] = dict(given[key])
@@ -235,7 +242,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 def _cmd_train(args: argparse.Namespace) -> None:
     from reslab.train import train
 
-    result = train(_train_config(args), args.out, resume=args.resume, quiet=args.quiet)
+    result = train(_train_config(args), args.out, resume=args.resume, quiet=args.quiet, tensorboard=args.tensorboard)
     f = result.final
     line = f"{result.status}: {len(result.metrics)} epochs"
     if f:
@@ -311,7 +318,7 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         print(f"{len(plan.runs)} runs; nothing written")
         return
     index = sweep.run_sweep(plan, args.out, args.backend, args.jobs, args.address, args.gpus_per_run,
-                            echo=None if args.quiet else print)
+                            echo=None if args.quiet else print, tensorboard=args.tensorboard)
     counts = ", ".join(f"{n} {s}" for s, n in index.counts().items() if n)
     print(f"sweep: {counts} -> {args.out} (index.json; `reslab report {args.out}` for the summary)")
 

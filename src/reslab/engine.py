@@ -39,11 +39,13 @@ RAY_MISSING = "the ray backend needs Ray: pip install 'reslab[ray]'"
 
 @dataclass(frozen=True)
 class Job:
-    """One run: ``cfg`` trained into the directory ``out``; ``key`` names it to the caller (a run id)."""
+    """One run: ``cfg`` trained into the directory ``out``; ``key`` names it to the caller (a run id); with
+    ``tensorboard`` its metrics also go to TensorBoard event files (``out/tensorboard``)."""
 
     key: str
     cfg: TrainConfig
     out: str
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ def execute(job: Job, threads: int) -> Outcome:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return Outcome(job.key, train(job.cfg, job.out, resume=True, quiet=True).status)
+        return Outcome(job.key, train(job.cfg, job.out, resume=True, quiet=True, tensorboard=job.tensorboard).status)
     except ValueError as e:
         return Outcome(job.key, "failed", str(e).splitlines()[0] if str(e) else "ValueError")
     except Exception as e:  # noqa: BLE001 (a bug or a resource error in one run must not stop the others)

@@ -41,6 +41,7 @@ failed ones; a different sweep in the same directory is refused. A failed or div
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import itertools
 import re
 import sys
@@ -343,15 +344,19 @@ def prepare(sweep: Sweep, root: Path) -> Index:
 
 def run_sweep(sweep: Sweep, root: Path, backend: str = "local", workers: int | None = None,
               address: str | None = None, gpus_per_run: float = 0.0,
-              echo: Callable[[str], None] | None = None) -> Index:
+              echo: Callable[[str], None] | None = None, tensorboard: bool = False) -> Index:
     """Run every unfinished run of ``sweep`` into ``root`` on ``backend``; the index records each state change."""
     from tqdm.auto import tqdm
 
     from reslab.engine import Job, check_backend, run_jobs
 
+    from reslab.train import TENSORBOARD_MISSING
+
     check_backend(backend, address)
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError(TENSORBOARD_MISSING)
     index = prepare(sweep, root)
-    todo = [Job(rid, cfg, str(root / "runs" / rid)) for rid, (_, cfg) in sweep.runs.items()
+    todo = [Job(rid, cfg, str(root / "runs" / rid), tensorboard) for rid, (_, cfg) in sweep.runs.items()
             if index.runs[rid]["state"] not in ("done", "diverged")]
     bar = tqdm(total=len(sweep.runs), initial=len(sweep.runs) - len(todo), desc="sweep", unit="run",
                disable=echo is None)

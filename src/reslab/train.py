@@ -25,6 +25,7 @@ models need DDP's ``find_unused_parameters``: :mod:`reslab.distributed`.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import time
@@ -46,6 +47,29 @@ SCHEDULES = ("constant", "step", "cosine")
 #: an epoch whose mean training loss exceeds this many times chance (ln C nats, at least 1) ends the run as
 #: diverged: the loss exploded without turning non-finite
 EXPLODED_LOSS_FACTOR = 10
+TENSORBOARD_MISSING = "--tensorboard needs TensorBoard: pip install 'reslab[tensorboard]'"
+
+
+#: what each annotation of :class:`TrainConfig` accepts (an int is a float; a bool is neither)
+_KINDS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                                       "None": (type(None),), "dict": (dict,), "list": (list,)}
+_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "null"}
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    """``value`` against ``annotation`` (``"int"``, ``"float | None"``, ``"list[float]"``...: the field types of
+    :class:`TrainConfig`, as strings); a list's items and a dict's keys are checked too."""
+    kinds = [part.strip().split("[")[0] for part in annotation.split("|")]
+    ok = any(isinstance(value, _KINDS[k]) and not (isinstance(value, bool) and k in ("int", "float"))
+             for k in kinds)
+    if ok and isinstance(value, list) and "list[float]" in annotation:
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if ok and isinstance(value, dict):
+        ok = all(isinstance(k, str) for k in value)
+    if not ok:
+        names = ["a list of numbers" if k == "list" else "a table with string keys" if k == "dict" else _NAMES[k]
+                 for k in kinds]
+        raise ValueError(f"{name} must be {' or '.join(names)}, got {value!r}")
 
 
 @dataclass
@@ -102,7 +126,10 @@ class TrainConfig:
     compile: bool = False
 
     def validate(self) -> None:
-        """Raise ``ValueError`` with one clear line for any invalid field."""
+        """Raise ``ValueError`` with one clear line for any invalid field (a value of another type than the field's
+        annotation is refused, never coerced: ``"5"`` is not an integer, ``true`` is not a number)."""
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -343,8 +370,10 @@ def _deterministic() -> Iterator[None]:
 
 
 def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bool = False,
-          data: Dataset | None = None) -> RunResult:
-    """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its last checkpoint.
+          data: Dataset | None = None, tensorboard: bool = False) -> RunResult:
+    """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its last checkpoint. With ``tensorboard`` every
+    epoch's metrics also go to TensorBoard event files in ``out_dir/tensorboard`` (step = epoch; written before the
+    epoch's checkpoint, so a resumed run logs every epoch, a repeated one with the same values).
 
     Under torchrun (``WORLD_SIZE > 1``) every rank calls this with the same arguments and trains its shard of each
     batch with DistributedDataParallel (see the module docstring); only rank 0 writes ``out_dir``, and every rank
@@ -356,9 +385,14 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
     """
     out = Path(out_dir)
     cfg.validate()
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError(TENSORBOARD_MISSING)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a run directory")
     stored = out / "config.json"
+    if out.is_dir() and not stored.exists() and any(not _temporary(p) for p in out.iterdir()):
+        raise ValueError(f"{out} is not a run directory: it holds other files and no config.json; train into a new "
+                         "or empty directory")
     if stored.exists():
         if not resume:
             raise ValueError(f"run directory {out} already holds a run; pass resume to continue it")
@@ -371,7 +405,12 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
                              result.get("diverged_step"), result.get("reason"))
     device = distributed.device_for(resolve_device(cfg.device))
     with distributed.process_group(device) as ctx:
-        return _train(cfg, out, resume, quiet, data, device, ctx)
+        return _train(cfg, out, resume, quiet, data, device, ctx, tensorboard)
+
+
+def _temporary(p: Path) -> bool:
+    """A temporary file of :mod:`reslab.runs` left by a kill during an atomic write (``.NAME.XXXX.tmp``)."""
+    return p.name.startswith(".") and p.name.endswith(".tmp")
 
 
 def _batch_loss(logits: Tensor, yb: Tensor, targets: int,
@@ -392,7 +431,7 @@ def _batch_loss(logits: Tensor, yb: Tensor, targets: int,
 
 
 def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, data: Dataset | None, device: torch.device,
-           ctx: distributed.Context | None) -> RunResult:
+           ctx: distributed.Context | None, tensorboard: bool) -> RunResult:
     main = ctx is None or ctx.main
     stored = out / "config.json"
     data = data if data is not None else distributed.rank0_first(ctx, lambda: load_dataset(cfg.data))
@@ -447,6 +486,11 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, data: Dataset
     forward = torch.compile(net, dynamic=False) if cfg.compile else net  # shares model's parameters
 
     x_te, y_te = data.x_test.to(device), data.y_test.to(device)
+    board = None
+    if tensorboard and main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        board = SummaryWriter(str(out / "tensorboard"))
     n = len(y_tr)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, disable=quiet or not main, leave=False,
@@ -498,6 +542,11 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, data: Dataset
             ev = evaluate(model, data, x_te, y_te, amp=cfg.amp)
             row.update(test_loss=ev["loss"], test_error=ev["error"], time_s=time.perf_counter() - t0)
             metrics.append(row)
+            if board is not None:
+                for k, v in row.items():
+                    if k != "epoch":
+                        board.add_scalar(k, v, epoch + 1)
+                board.flush()
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_err=f"{row['test_error']:.3f}")
             if main:
                 runs.write_jsonl(out / "metrics.jsonl", metrics)
@@ -513,6 +562,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, data: Dataset
             if main:
                 runs.write_json(out / "result.json", {"status": "running", "epoch": epoch + 1})
     bar.close()
+    if board is not None:
+        board.close()
     status = "diverged" if diverged_step is not None else "completed"
     if main:
         runs.write_json(out / "result.json", {"status": status, "diverged_step": diverged_step, "reason": reason,

@@ -351,6 +351,8 @@ def check_reuse(claims: Sequence[Claim], profile: str, root: Path, budget: int =
     """
     from reslab.train import config_mismatch
 
+    if (root / "sweep.json").exists():
+        raise ValueError(f"{root} holds a sweep (sweep.json): write this reproduction to another --out")
     meta = runs.read_json(root / "reproduce.json") if (root / "reproduce.json").exists() else None
     if meta is not None:
         made = (meta.get("profile"), meta.get("budget", 1)) if isinstance(meta, dict) else (None, None)
