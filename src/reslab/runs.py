@@ -1,11 +1,14 @@
 """Run directories: atomic writes, metrics as JSONL, and the environment a run was made in.
 
 Every file of a run is written to a temporary name in the same directory and renamed into place, so a
-run killed at any moment leaves either the old file or the new one, never a torn one.
+run killed at any moment leaves either the old file or the new one, never a torn one. The temporary name
+(``.NAME.PID@HOST.XXXXXXXX.tmp``) says who writes it: a writer killed mid-write leaves it behind, and the next
+write into that folder deletes it once its process is gone.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -30,9 +33,50 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give: the user's umask, not mkstemp's private 0600
 
 
+_HOST = platform.node() or "localhost"
+#: ``.NAME.PID@HOST.XXXXXXXX.tmp``: a file being written by process PID on HOST (mkstemp's 8 random characters)
+_TEMP = re.compile(r"^\..+\.(?P<pid>\d+)@(?P<host>[^@/]+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def is_temp(path: Path | str) -> bool:
+    """Whether ``path`` is a file :func:`_atomic` writes before renaming it into place (a hidden ``.tmp``)."""
+    name = Path(path).name
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path | str) -> list[Path]:
+    """Delete the temporary files that writers on this host left in ``folder`` when they were killed (SIGKILL, out
+    of memory) mid-write; a live writer's file is kept. Returns what was deleted."""
+    gone = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return gone
+    for e in entries:
+        m = _TEMP.match(e.name)
+        if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            p = Path(e.path)
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
 def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where the folder should be: say so, not "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)) from None
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}@{_HOST}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
@@ -43,6 +87,7 @@ def _atomic(path: Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    remove_stale_temps(path.parent)  # what a killed writer left here
 
 
 def write_text(path: Path | str, text: str) -> None:
