@@ -390,7 +390,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a run directory")
     stored = out / "config.json"
-    if out.is_dir() and not stored.exists() and any(not _temporary(p) for p in out.iterdir()):
+    if out.is_dir() and not stored.exists() and any(not runs.is_temp(p) for p in out.iterdir()):
         raise ValueError(f"{out} is not a run directory: it holds other files and no config.json; train into a new "
                          "or empty directory")
     if stored.exists():
@@ -406,11 +406,6 @@ def train(cfg: TrainConfig, out_dir: Path | str, resume: bool = False, quiet: bo
     device = distributed.device_for(resolve_device(cfg.device))
     with distributed.process_group(device) as ctx:
         return _train(cfg, out, resume, quiet, data, device, ctx, tensorboard)
-
-
-def _temporary(p: Path) -> bool:
-    """A temporary file of :mod:`reslab.runs` left by a kill during an atomic write (``.NAME.XXXX.tmp``)."""
-    return p.name.startswith(".") and p.name.endswith(".tmp")
 
 
 def _batch_loss(logits: Tensor, yb: Tensor, targets: int,
