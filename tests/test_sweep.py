@@ -279,3 +279,14 @@ def test_tensorboard_event_files_hold_every_epochs_metrics(tmp_path, capsys):
     f = _write(tmp_path, '[axes]\nseed = [0, 1]\n')
     assert main(["sweep", str(f), "--out", str(tmp_path / "sw"), "--quiet", "--tensorboard"]) == 0
     assert all(any((tmp_path / "sw" / "runs" / f"seed-{s}" / "tensorboard").iterdir()) for s in (0, 1))
+
+
+def test_no_ray_cluster_at_the_address_is_one_line_before_anything_is_written(tmp_path, capsys):
+    pytest.importorskip("ray")
+    if Path("/tmp/ray/ray_current_cluster").exists():
+        pytest.skip("a Ray cluster is running on this machine")
+    f = _write(tmp_path, '[axes]\nseed = [0]\n')
+    assert main(["sweep", str(f), "--out", str(tmp_path / "out"), "--backend", "ray", "--address", "auto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach Ray at 'auto'" in err[0]
+    assert not (tmp_path / "out").exists()

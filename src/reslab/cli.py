@@ -269,9 +269,9 @@ def _cmd_diagnose(args: argparse.Namespace) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> None:
-    from reslab.experiments import get_claim, list_claims, run_claim
-    from reslab.engine import check_backend
-    from reslab.experiments.base import check_data, check_reuse, compare_budgets
+    from reslab.engine import check_backend, session
+    from reslab.experiments import get_claim, list_claims
+    from reslab.experiments.base import check_data, check_reuse
     from reslab.report.render import SMOKE_NOTE, render
 
     only = [n.strip() for a in args.only for n in a.split(",") if n.strip()]
@@ -290,6 +290,17 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
     if args.budget > 1:
         check_reuse(claims, args.profile, larger, args.budget)
     note = f" ({SMOKE_NOTE})" if args.profile == "smoke" else ""
+    with session(args.backend, args.address, args.jobs):  # one Ray for every claim
+        _reproduce_claims(args, claims, out, larger, note)
+    md, html = render(out)
+    print(f"report: {md} and {html}")
+
+
+def _reproduce_claims(args: argparse.Namespace, claims: list[Any], out: Path, larger: Path, note: str) -> None:
+    from reslab.experiments import run_claim
+    from reslab.experiments.base import compare_budgets
+    from reslab.report.render import render
+
     for claim in claims:
         start = time.perf_counter()
         engine = dict(jobs=args.jobs, quiet=args.quiet, backend=args.backend, address=args.address,
@@ -302,8 +313,6 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
             verdict = (f"{rec['verdict']} (1x: {rec['budget']['verdict_1x']}, {args.budget}x: "
                        f"{rec['budget'][f'verdict_{args.budget}x']})")
         print(f"{claim.name}: {verdict}{note} [{time.perf_counter() - start:.0f} s]")
-    md, html = render(out)
-    print(f"report: {md} and {html}")
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:

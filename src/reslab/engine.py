@@ -22,13 +22,14 @@ its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import queue
 import traceback
 from dataclasses import dataclass
 from multiprocessing import get_context
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 if TYPE_CHECKING:
     from reslab.train import TrainConfig
@@ -167,17 +168,38 @@ def _drive(jobs: Sequence[Job], limit: int, submit: Callable[[Job], None], wait:
             finish(o)
 
 
+@contextlib.contextmanager
+def session(backend: str, address: str | None = None, workers: int | None = None,
+            cpus_per_run: int = 1) -> Iterator[None]:
+    """Connect to the backend once for several :func:`run_jobs` calls (``ray``: start a local Ray, or join
+    ``address``; stopped or left when the block ends; ``local``: nothing to do). A failure to connect is a
+    ``ValueError`` raised before the caller writes anything."""
+    check_backend(backend, address)
+    if backend != "ray":
+        yield
+        return
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    opts: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    if address is None:
+        opts["num_cpus"] = workers * cpus_per_run if workers is not None else (os.cpu_count() or 1)
+    try:
+        ray.init(address=address, **opts)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ValueError(f"cannot reach Ray at {address!r}: {str(e).splitlines()[0]}") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def _run_ray(jobs: Sequence[Job], workers: int | None, address: str | None, cpus: int, gpus: float,
              start: Callable[[Job], None], finish: Callable[[Outcome], None]) -> None:
     import ray
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        opts: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        if address is None:
-            opts["num_cpus"] = workers * cpus if workers is not None else (os.cpu_count() or 1)
-        ray.init(address=address, **opts)
-    remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(execute)
     running: dict[Any, Job] = {}
 
     def submit(job: Job) -> None:
@@ -194,10 +216,10 @@ def _run_ray(jobs: Sequence[Job], workers: int | None, address: str | None, cpus
                 out.append(Outcome(job.key, "failed", f"Ray task failed: {str(e).splitlines()[0]}"))
         return out
 
-    try:
-        _drive(jobs, workers or len(jobs), submit, wait, start, finish)
-    finally:
-        for ref in running:
-            ray.cancel(ref, force=True)
-        if started_here:
-            ray.shutdown()
+    with session("ray", address, workers, cpus):  # joins the caller's session if there is one
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(execute)
+        try:
+            _drive(jobs, workers or len(jobs), submit, wait, start, finish)
+        finally:
+            for ref in running:
+                ray.cancel(ref, force=True)

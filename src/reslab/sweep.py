@@ -348,32 +348,31 @@ def run_sweep(sweep: Sweep, root: Path, backend: str = "local", workers: int | N
     """Run every unfinished run of ``sweep`` into ``root`` on ``backend``; the index records each state change."""
     from tqdm.auto import tqdm
 
-    from reslab.engine import Job, check_backend, run_jobs
-
+    from reslab.engine import Job, run_jobs, session
     from reslab.train import TENSORBOARD_MISSING
 
-    check_backend(backend, address)
     if tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ValueError(TENSORBOARD_MISSING)
-    index = prepare(sweep, root)
-    todo = [Job(rid, cfg, str(root / "runs" / rid), tensorboard) for rid, (_, cfg) in sweep.runs.items()
-            if index.runs[rid]["state"] not in ("done", "diverged")]
-    bar = tqdm(total=len(sweep.runs), initial=len(sweep.runs) - len(todo), desc="sweep", unit="run",
-               disable=echo is None)
+    with session(backend, address, workers):  # connected (or refused) before anything is written
+        index = prepare(sweep, root)
+        todo = [Job(rid, cfg, str(root / "runs" / rid), tensorboard) for rid, (_, cfg) in sweep.runs.items()
+                if index.runs[rid]["state"] not in ("done", "diverged")]
+        bar = tqdm(total=len(sweep.runs), initial=len(sweep.runs) - len(todo), desc="sweep", unit="run",
+                   disable=echo is None)
 
-    def done(o: Any) -> None:
-        index.set(o.key, {"completed": "done"}.get(o.status, o.status), o.error)
-        bar.update(1)
-        if o.status == "failed" and echo is not None:
-            bar.write(f"run {o.key} failed: {o.error}")
+        def done(o: Any) -> None:
+            index.set(o.key, {"completed": "done"}.get(o.status, o.status), o.error)
+            bar.update(1)
+            if o.status == "failed" and echo is not None:
+                bar.write(f"run {o.key} failed: {o.error}")
 
-    try:
-        run_jobs(todo, backend, workers=workers, address=address, gpus_per_run=gpus_per_run,
-                 on_start=lambda job: index.set(job.key, "running"), on_done=done)
-    finally:
-        bar.close()
-        for rid, r in index.runs.items():  # runs stopped by Ctrl-C or a lost worker: resumable, so pending
-            if r["state"] == "running":
-                index.runs[rid] = {"state": "pending", "error": None, "final": None}
-        index.write()
+        try:
+            run_jobs(todo, backend, workers=workers, address=address, gpus_per_run=gpus_per_run,
+                     on_start=lambda job: index.set(job.key, "running"), on_done=done)
+        finally:
+            bar.close()
+            for rid, r in index.runs.items():  # runs stopped by Ctrl-C or a lost worker: resumable, so pending
+                if r["state"] == "running":
+                    index.runs[rid] = {"state": "pending", "error": None, "final": None}
+            index.write()
     return index
