@@ -27,6 +27,8 @@ import contextlib
 import importlib.util
 import os
 import queue
+import signal
+import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -90,9 +92,6 @@ def _init_worker() -> None:
     """A pool worker ignores Ctrl-C (the terminal sends it to the whole process group): the parent stops it by
     terminating the pool, so a Ctrl-C prints one line, not a traceback per worker. Its progress bars lock with a
     thread lock: tqdm's default also makes a multiprocessing semaphore, which a stopped worker would leave behind."""
-    import signal
-    import threading
-
     from tqdm.auto import tqdm
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -141,8 +140,17 @@ def run_jobs(jobs: Sequence[Job], backend: str = "local", workers: int | None = 
         _drive(jobs, 1, lambda job: ready.append(execute(job, threads)), lambda: [ready.pop()], start, finish)
         return outcomes
     arrived: queue.Queue[Outcome] = queue.Queue()
+    # the workers ignore Ctrl-C from their first instruction: SIG_IGN is inherited through fork and exec, so it is
+    # set while the pool starts them (_init_worker runs only once a worker has imported reslab and torch)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+    try:
+        pool = get_context("spawn").Pool(workers, initializer=_init_worker)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
     # leaving the block terminates the pool: on Ctrl-C no queued run starts and the running ones stop at once
-    with get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+    with pool:
         def submit(job: Job) -> None:
             def lost(e: BaseException) -> None:  # the job could not be sent to or returned from a worker
                 arrived.put(Outcome(job.key, "failed", f"{type(e).__name__}: {e}"))

@@ -353,6 +353,8 @@ def check_reuse(claims: Sequence[Claim], profile: str, root: Path, budget: int =
 
     if (root / "sweep.json").exists():
         raise ValueError(f"{root} holds a sweep (sweep.json): write this reproduction to another --out")
+    if (root / "config.json").exists():
+        raise ValueError(f"{root} holds a training run (config.json): write this reproduction to another --out")
     meta = runs.read_json(root / "reproduce.json") if (root / "reproduce.json").exists() else None
     if meta is not None:
         made = (meta.get("profile"), meta.get("budget", 1)) if isinstance(meta, dict) else (None, None)
