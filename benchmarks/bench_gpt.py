@@ -382,7 +382,8 @@ def run_machinery(d: int, args: argparse.Namespace, lines: list[str]) -> None:
     gpt_step = PRELN_STEP.get(d)
     lines.append(f"\n### The depth-attention machinery alone, d={d} (trunk of {2 * LAYERS} pre-norm sublayers with "
                  f"near-free branches h * c; thread CPU time, {args.rounds} rounds x 5 steps)\n")
-    lines.append("| tokens | Pre-LN trunk (ms) | block_attnres trunk (ms) | attnres trunk (ms) | block_attnres - Pre-LN "
+    lines.append("| tokens | Pre-LN trunk (ms) | block_attnres trunk (ms) | attnres trunk (ms) "
+                 "| block_attnres - Pre-LN "
                  "(ms) | as a share of the GPT Pre-LN step |")
     lines.append("|---|---|---|---|---|---|")
     for tokens, t in out.items():

@@ -129,7 +129,8 @@ def test_failed_and_diverged_runs_do_not_stop_the_others_and_reruns_skip_finishe
 def test_local_and_ray_give_identical_metrics_and_one_process_agrees(tmp_path):
     pytest.importorskip("ray")
     f = _write(tmp_path, '[sweep]\nplain_twins = true\n[axes]\nlr = [0.1, 0.05]\nseed = [0, 1]\n')
-    for name, extra in (("pool", ["--jobs", "2"]), ("one", ["--jobs", "1"]), ("ray", ["--backend", "ray", "--jobs", "2"])):
+    backends = (("pool", ["--jobs", "2"]), ("one", ["--jobs", "1"]), ("ray", ["--backend", "ray", "--jobs", "2"]))
+    for name, extra in backends:
         assert main(["sweep", str(f), "--out", str(tmp_path / name), "--quiet", *extra]) == 0
     pool, one, ray = (_finals(tmp_path / n) for n in ("pool", "one", "ray"))
     assert len(pool) == 8 and pool == ray  # one thread per run in both: the same numbers
@@ -251,7 +252,8 @@ def test_sweep_workers_load_checkpoints_with_the_safe_loader(tmp_path, backend, 
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("argv", [["sweep", "{f}", "--out", "{d}"], ["reproduce", "--profile", "smoke", "--out", "{d}"]])
+@pytest.mark.parametrize("argv", [["sweep", "{f}", "--out", "{d}"],
+                                  ["reproduce", "--profile", "smoke", "--out", "{d}"]])
 def test_sweep_and_reproduce_refuse_to_run_under_torchrun(tmp_path, monkeypatch, capsys, argv):
     f = _write(tmp_path, '[axes]\nseed = [0]\n')
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -12,8 +12,8 @@ Three measurements on the ``densenet_bc`` family (DenseNet-BC, growth rate 12, b
    ``torch.cuda.max_memory_allocated`` counts the same). On one thread the count is deterministic (the same ops
    allocate the same bytes), so one measurement per point is exact; with two, per-thread scratch buffers added 6%
    to the memory-efficient peak (found when the 4x run, measured after in-process training had set two threads,
-   disagreed with the 1x run), so :func:`~reslab.footprint.step_peak_bytes` measures on one. Random CIFAR-shaped inputs (3x32x32: the values do not change what
-   is allocated). Each mode gets a linear and a quadratic least-squares fit ``m(L)`` and a power law
+   disagreed with the 1x run), so :func:`~reslab.footprint.step_peak_bytes` measures on one. Random CIFAR-shaped
+   inputs (3x32x32: the values do not change what is allocated). Each mode gets a linear and a quadratic least-squares fit ``m(L)`` and a power law
    ``m = a + b L^p`` (``p`` by a grid search with ``a, b`` by least squares): the fitted exponent ``p``.
 2. **Accuracy per parameter.** DenseNet-BCs and ResNets (the ``resnet`` family, He et al.'s CIFAR nets) of about
    the same sizes trained on the same images (scikit-learn's 8x8 digits; CIFAR-10 in ``full`` where a local copy

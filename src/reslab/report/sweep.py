@@ -2,9 +2,10 @@
 axis, as Markdown and a self-contained HTML page, built from ``sweep.json`` and the run directories only.
 
 A config is a point of the grid without its seed; its cell averages the final metric of its finished runs (a
-diverged run's metric is not averaged: the cell says how many diverged). Each plot puts one axis on x and draws
-one line per value of the ``residual`` axis (points for a categorical axis) (when it is an axis and not the one on x), averaging over every other
-axis, with the standard deviation over the averaged runs as error bars.
+diverged run's metric is not averaged: the cell says how many diverged). Each plot puts one axis on x (points,
+not lines, for a categorical axis) and draws one series per value of the ``residual`` axis (when it is an axis and
+not the one on x), averaging over every other axis, with the standard deviation over the averaged runs as error
+bars.
 """
 
 from __future__ import annotations
