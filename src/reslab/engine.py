@@ -11,7 +11,8 @@ arrives:
   ``address`` joins an existing cluster (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``); without it a
   local Ray is started for the call and stopped after (:func:`session` keeps one connection for several calls;
   Ray keeps retrying an address where nothing answers for minutes: Ctrl-C stops it). On a cluster the run
-  directories must be on a file system every node sees (the runs write their own artifacts), and reslab must be installed on every node.
+  directories must be on a file system every node sees (the runs write their own artifacts), and reslab must be
+  installed on every node.
   Ray is an optional extra: ``pip install 'reslab[ray]'``.
 
 Every run goes through :func:`reslab.train.train` with ``resume=True``, so a job whose directory holds a killed run

@@ -13,8 +13,9 @@ Three measurements on the ``densenet_bc`` family (DenseNet-BC, growth rate 12, b
    allocate the same bytes), so one measurement per point is exact; with two, per-thread scratch buffers added 6%
    to the memory-efficient peak (found when the 4x run, measured after in-process training had set two threads,
    disagreed with the 1x run), so :func:`~reslab.footprint.step_peak_bytes` measures on one. Random CIFAR-shaped
-   inputs (3x32x32: the values do not change what is allocated). Each mode gets a linear and a quadratic least-squares fit ``m(L)`` and a power law
-   ``m = a + b L^p`` (``p`` by a grid search with ``a, b`` by least squares): the fitted exponent ``p``.
+   inputs (3x32x32: the values do not change what is allocated). Each mode gets a linear and a quadratic
+   least-squares fit ``m(L)`` and a power law ``m = a + b L^p`` (``p`` by a grid search with ``a, b`` by least
+   squares): the fitted exponent ``p``.
 2. **Accuracy per parameter.** DenseNet-BCs and ResNets (the ``resnet`` family, He et al.'s CIFAR nets) of about
    the same sizes trained on the same images (scikit-learn's 8x8 digits; CIFAR-10 in ``full`` where a local copy
    exists) for the same epochs, each with its paper's recipe (Huang et al.: SGD 0.1 Nesterov, batch 64; He et al.:
