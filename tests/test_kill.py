@@ -349,7 +349,6 @@ def test_sweep_ctrl_c_while_workers_start_is_one_line(sweep_file, tmp_path):
     assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("reslab: interrupted"), err
 
 
-@pytest.mark.slow  # 35-41 s here: Ray starts a local cluster twice
 def test_sweep_on_ray_sigkill_reruns_identically(sweep_file, sweep_reference, tmp_path):
     pytest.importorskip("ray")
     ray_tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
