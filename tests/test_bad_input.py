@@ -254,6 +254,12 @@ CASES = [
          in_subprocess=True),
     Case("address-with-local-backend", SWEEP + ["--address", "auto"], "--address applies to --backend ray only",
          (sweep_file(GOOD),), in_subprocess=True),
+    Case("gpus-with-local-backend", SWEEP + ["--gpus-per-run", "1"], "--gpus-per-run applies to --backend ray only",
+         (sweep_file(GOOD),)),
+    Case("gpus-negative", SWEEP + ["--backend", "ray", "--gpus-per-run", "-1"], "--gpus-per-run must be non-negative",
+         (sweep_file(GOOD),)),
+    Case("reproduce-gpus-with-local-backend", ["reproduce", "--profile", "smoke", "--out", "{t}/rep",
+                                               "--gpus-per-run", "0.5"], "--gpus-per-run applies", ()),
     # --- data that cannot be read
     Case("cifar-batch-missing", train_on("cifar10:{t}/data"),
          "data_batch_3 is missing", (cifar(missing="data_batch_3"),)),

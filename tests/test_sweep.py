@@ -292,3 +292,13 @@ def test_no_ray_cluster_at_the_address_is_one_line_before_anything_is_written(tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot reach Ray at 'auto'" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_documented_sweep_file_is_valid():
+    """The example in ``reslab.sweep``'s docstring (what `reslab sweep --help` prints) parses as it is."""
+    import textwrap
+    import tomllib
+
+    text = textwrap.dedent(sweep.__doc__.split("three tables::", 1)[1].split("An axis is", 1)[0])
+    s = sweep.parse(tomllib.loads(text))
+    assert s.axes["residual"] == ["identity", "rezero", "plain"] and len(s.runs) == 3 * 2 * 2 * 3 * 2

@@ -284,7 +284,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
     if args.budget < 1:
         raise ValueError(f"--budget must be a positive integer, got {args.budget}")
     larger = out / f"budget-{args.budget}"
-    check_backend(args.backend, args.address)
+    check_backend(args.backend, args.address, args.gpus_per_run)
     check_data(claims, args.profile)
     check_reuse(claims, args.profile, out)
     if args.budget > 1:
@@ -317,9 +317,11 @@ def _reproduce_claims(args: argparse.Namespace, claims: list[Any], out: Path, la
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
     from reslab import sweep
+    from reslab.engine import check_backend
 
     if args.jobs is not None and args.jobs <= 0:
         raise ValueError(f"--jobs must be positive, got {args.jobs}")
+    check_backend(args.backend, args.address, args.gpus_per_run)
     plan = sweep.parse(sweep.read_spec(args.file))
     if args.dry_run:
         for rid, (axes, _) in plan.runs.items():

@@ -99,12 +99,16 @@ def _init_worker() -> None:
     tqdm.set_lock(threading.RLock())
 
 
-def check_backend(backend: str, address: str | None = None) -> None:
-    """Refuse an unknown backend, an address without Ray, or Ray when it is not installed (one line each)."""
+def check_backend(backend: str, address: str | None = None, gpus_per_run: float = 0.0) -> None:
+    """Refuse an unknown backend, Ray options without Ray, or Ray when it is not installed (one line each)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if address is not None and backend != "ray":
         raise ValueError("--address applies to --backend ray only")
+    if gpus_per_run and backend != "ray":
+        raise ValueError("--gpus-per-run applies to --backend ray only (the local pool's runs use --device)")
+    if gpus_per_run < 0:
+        raise ValueError(f"--gpus-per-run must be non-negative, got {gpus_per_run}")
     if backend == "ray" and importlib.util.find_spec("ray") is None:
         raise ValueError(RAY_MISSING)
 
@@ -118,11 +122,11 @@ def run_jobs(jobs: Sequence[Job], backend: str = "local", workers: int | None = 
     arrives. ``workers`` bounds the runs in flight (local: the pool size; Ray: ``None`` lets the cluster's
     resources decide).
     """
-    check_backend(backend, address)
+    check_backend(backend, address, gpus_per_run)
     if workers is not None and workers <= 0:
         raise ValueError(f"workers must be positive, got {workers}")
-    if cpus_per_run <= 0 or gpus_per_run < 0:
-        raise ValueError("cpus_per_run must be positive and gpus_per_run non-negative")
+    if cpus_per_run <= 0:
+        raise ValueError(f"cpus_per_run must be positive, got {cpus_per_run}")
     start = on_start or (lambda job: None)
     done = on_done or (lambda outcome: None)
     outcomes: list[Outcome] = []

@@ -18,12 +18,13 @@ A sweep file is data (parsed with ``tomllib``, never evaluated) with three table
     depth = [8, 20]
     lr = [0.1, 0.01]
     seed = [0, 1, 2]
-    "residual_kwargs.gate_bias" = [-1.0, -3.0]   # a scheme option (or [axes.residual_kwargs] gate_bias = [...])
+    "model_kwargs.norm" = ["bn", "ln"]   # a family option (or [axes.model_kwargs] norm = [...])
 
 An axis is a ``TrainConfig`` field (``residual``, ``lr``, ``seed``, ``epochs``, ``data``...), ``depth`` (the depth
 of the base model's family), ``width`` (short for ``model_kwargs.width``), or ``model_kwargs.KEY`` /
-``residual_kwargs.KEY`` (a family or scheme option). Every config of the product is validated before anything
-is written: its fields, its model, scheme and dataset names, and that the model builds and reads the dataset,
+``residual_kwargs.KEY`` (a family or scheme option, e.g. ``"residual_kwargs.gate_bias" = [-1.0, -3.0]`` with
+``residual = "highway"``). Every config of the product is validated before anything is written: its fields, its
+model, scheme and dataset names, and that the model builds and reads the dataset,
 each problem as one line naming the axis values of the config it was found in.
 
 The sweep directory::
@@ -173,8 +174,8 @@ def parse(spec: dict[str, Any]) -> Sweep:
             raise ValueError(f"unknown training option {k!r} in [base]")
     axes = _flatten_axes(spec.get("axes"))
     sets = {name: _axis_field(name, names) for name in axes}
-    if len(set(sets.values())) < len(sets):
-        raise ValueError("two axes set the same option (width is model_kwargs.width)")
+    if len(set(sets.values())) < len(sets) or {"depth", "model"} <= set(sets):
+        raise ValueError("two axes set the same option (width is model_kwargs.width; depth names the model)")
     for name, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ValueError(f"axis {name!r} must be a non-empty list of values, got {values!r}")
@@ -187,7 +188,7 @@ def parse(spec: dict[str, Any]) -> Sweep:
         if "residual" in axes:
             axes["residual"] = axes["residual"] + ([] if "plain" in axes["residual"] else ["plain"])
         else:
-            axes = {"residual": [base.get("residual", "identity"), "plain"], **axes}
+            axes = {"residual": list(dict.fromkeys([base.get("residual", "identity"), "plain"])), **axes}
             sets = {"residual": "residual", **sets}
     families = {f.name for f in list_families()}
     model = base["model"]
@@ -214,7 +215,7 @@ def parse(spec: dict[str, Any]) -> Sweep:
                 fields[kw] = {**fields.get(kw, {}), key: v}
             else:
                 fields[target] = v
-        where = ", ".join(f"{k}={v!r}" for k, v in values.items())
+        where = where_of(values)
         try:
             if not isinstance(fields.get("model"), str):
                 raise ValueError(f"model must be a string, got {fields.get('model')!r}")
