@@ -208,8 +208,9 @@ _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:
           "img{max-width:100%}.smoke{color:#a04000}"
           "p.banner{border:2px solid #a04000;background:#fff4e8;padding:0.6em 1em}")
 
-_TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
-                               lstrip_blocks=True).from_string("""\
+#: what every reslab HTML page shares: an autoescaping environment and the table macro (nothing for no rows)
+ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+TABLE_MACRO = """\
 {% macro table(t) %}
 {% if t.rows %}
 <table>
@@ -220,6 +221,9 @@ _TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined
 </table>
 {% endif %}
 {% endmacro %}
+"""
+
+_TEMPLATE = ENV.from_string(TABLE_MACRO + """\
 {% macro verdict(s, prefix="") %}<b>{{ prefix }}{{ s.verdict }}</b>\
 {% if s.note %} <span class="smoke">({{ s.note }})</span>{% endif %}\
 {% endmacro %}

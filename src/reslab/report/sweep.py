@@ -16,10 +16,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from reslab import runs
-from reslab.report.render import _STYLE, _md_table
+from reslab.report.render import _STYLE, ENV, TABLE_MACRO, _md_table
 from reslab.sweep import METRICS, STATES, _final
 
 SERIES_AXIS = "residual"
@@ -147,16 +145,7 @@ def render_sweep(root: Path, metric: str | None = None) -> tuple[Path, Path]:
     return md_path, html_path
 
 
-_TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
-                               lstrip_blocks=True).from_string("""\
-{% macro table(t) %}
-<table>
-<tr>{% for h in t.header %}<th>{{ h }}</th>{% endfor %}</tr>
-{% for row in t.rows %}
-<tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>
-{% endfor %}
-</table>
-{% endmacro %}
+_TEMPLATE = ENV.from_string(TABLE_MACRO + """\
 <!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>reslab sweep report</title>
 <style>""" + _STYLE + """</style></head>
