@@ -302,3 +302,17 @@ def test_the_documented_sweep_file_is_valid():
     text = textwrap.dedent(sweep.__doc__.split("three tables::", 1)[1].split("An axis is", 1)[0])
     s = sweep.parse(tomllib.loads(text))
     assert s.axes["residual"] == ["identity", "rezero", "plain"] and len(s.runs) == 3 * 2 * 2 * 3 * 2
+
+
+def test_a_pool_trains_its_last_run_with_one_thread_like_the_others(tmp_path):
+    """The thread count changes a run's numbers (summation order): with workers > 1 a lone run (what a rerun of a
+    killed sweep may have left) still trains in a pool worker with one thread, as in the first attempt; only an
+    explicit ``workers=1`` trains in this process with every core. (A kill test caught a rerun that differed in
+    the last bits of train_loss when one run was left.)"""
+    import os
+
+    cfg = TrainConfig.for_model("mlp4", data="mnist1d:200", epochs=1, model_kwargs={"width": 8})
+    assert run_jobs([Job("a", cfg, str(tmp_path / "a"))], workers=2)[0].status == "completed"
+    assert run_jobs([Job("b", cfg, str(tmp_path / "b"))], workers=1)[0].status == "completed"
+    assert runs.read_json(tmp_path / "a" / "env.json")["threads"] == 1
+    assert runs.read_json(tmp_path / "b" / "env.json")["threads"] == max(1, os.cpu_count() or 1)

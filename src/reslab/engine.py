@@ -138,12 +138,15 @@ def run_jobs(jobs: Sequence[Job], backend: str = "local", workers: int | None = 
     if backend == "ray":
         _run_ray(jobs, workers, address, cpus_per_run, gpus_per_run, start, finish)
         return outcomes
-    workers = min(default_workers() if workers is None else workers, len(jobs))
-    if workers <= 1:  # in this process, with every core
+    workers = default_workers() if workers is None else workers
+    if workers == 1:  # asked for: in this process, with every core
         threads = max(1, os.cpu_count() or 1) if cpus_per_run == 1 else cpus_per_run
         ready: list[Outcome] = []
         _drive(jobs, 1, lambda job: ready.append(execute(job, threads)), lambda: [ready.pop()], start, finish)
         return outcomes
+    # the pool, with cpus_per_run threads per run however few runs are left: a run's numbers depend on its thread
+    # count (summation order), so a rerun that resumes one run must train it as the first attempt did
+    workers = min(workers, len(jobs))
     arrived: queue.Queue[Outcome] = queue.Queue()
     # the workers ignore Ctrl-C from their first instruction: SIG_IGN is inherited through fork and exec, so it is
     # set while the pool starts them (_init_worker runs only once a worker has imported reslab and torch)
