@@ -316,3 +316,21 @@ def test_a_pool_trains_its_last_run_with_one_thread_like_the_others(tmp_path):
     assert run_jobs([Job("b", cfg, str(tmp_path / "b"))], workers=1)[0].status == "completed"
     assert runs.read_json(tmp_path / "a" / "env.json")["threads"] == 1
     assert runs.read_json(tmp_path / "b" / "env.json")["threads"] == max(1, os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["sweep", "{f}", "--out", "{d}", "--backend", "ray"], "pip install 'reslab[ray]'"),
+    (["reproduce", "--profile", "smoke", "--out", "{d}", "--backend", "ray"], "pip install 'reslab[ray]'"),
+    (["sweep", "{f}", "--out", "{d}", "--tensorboard"], "pip install 'reslab[tensorboard]'"),
+    (["train", "--model", "mlp4", "--out", "{d}", "--tensorboard"], "pip install 'reslab[tensorboard]'"),
+])
+def test_a_missing_extra_says_how_to_install_it(tmp_path, monkeypatch, capsys, argv, needle):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("ray", "tensorboard") else real(name, *a))
+    f = _write(tmp_path, '[axes]\nseed = [0]\n')
+    assert main([a.replace("{f}", str(f)).replace("{d}", str(tmp_path / "out")) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and not (tmp_path / "out").exists()
