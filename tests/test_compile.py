@@ -73,3 +73,37 @@ def test_compile_is_a_flag_of_train(tmp_path, capsys):
     assert "--compile" in capsys.readouterr().out
     with pytest.raises(ValueError, match="compile must be true or false"):
         replace(TINY, compile="yes").validate()
+
+
+@pytest.mark.parametrize("scheme", ["block_attnres", "attnres"])
+def test_depth_attention_runs_eagerly_inside_a_compiled_model(scheme):
+    """The depth-attention functions share state outside autograd: under ``torch.compile`` they run eagerly (a
+    graph break around them), and the compiled model's output and gradients are the eager ones."""
+    import reslab
+
+    torch.manual_seed(0)
+    m = reslab.create_model("gpt", scheme, depth=2, num_classes=11, input_shape=(9,), d_model=16, n_heads=2)
+    with torch.no_grad():
+        m.trunk.scheme.queries.normal_()  # non-uniform depth weights
+    x = torch.randint(0, 11, (3, 9))
+    out = m(x)
+    out.square().mean().backward()
+    grads = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="aot_eager", dynamic=False)(x)
+    compiled.square().mean().backward()
+    torch.testing.assert_close(compiled, out)
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, grads[k], msg=k)
+
+
+def test_importing_reslab_does_not_load_the_compiler():
+    """``import reslab`` (and the CLI) must not import ``torch._dynamo``: 2 s on every command that never compiles
+    (it did, through ``torch.compiler.disable`` at class definition in the AttnRes module)."""
+    import subprocess
+    import sys
+
+    code = "import sys, reslab, reslab.cli, reslab.train; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -73,6 +74,24 @@ EPS = 1e-6  # key RMSNorm epsilon
 def key_norm(v: Tensor) -> Tensor:
     """``RMSNorm(v)`` over the last axis, no gain (the keys of depth attention)."""
     return F.rms_norm(v, (v.shape[-1],), None, EPS)
+
+
+def _eager(fn: Any) -> Any:
+    """``fn`` run eagerly under ``torch.compile`` (``torch.compiler.disable``: the depth-attention functions share
+    state outside autograd), decorated on first call once the compiler is loaded: ``torch.compiler.disable`` imports
+    the compiler, 2 s that a program which never compiles would pay at ``import reslab``."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal disabled
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return call
 
 
 def _exact(t: Tensor) -> contextlib.AbstractContextManager:
@@ -381,8 +400,7 @@ class BlockAttnResBase(ResidualScheme):
         #: pseudo-queries ``w_0..w_{L-1}`` of the sites and ``w_L`` of the final read, zero at init
         self.queries = nn.Parameter(torch.zeros(len(self.specs) + 1, dims.pop()))
 
-    # torch.compile runs the depth-attention functions as they are (their backward shares state outside autograd)
-    @torch.compiler.disable
+    @_eager
     def _aggregate(self, state: AttnResState, q: int) -> tuple[Tensor, Tensor | None]:
         """``h`` (``(*lead, d)``) read with query ``q`` at the current position, and, when a tap listens, its
         weights ``(S, *lead, 1)``."""
@@ -394,7 +412,7 @@ class BlockAttnResBase(ResidualScheme):
         out = DepthRead.apply(w, P, memory, q, ahead, self.tap is not None, state.sources, state.last)
         return out if self.tap is not None else (out, None)
 
-    @torch.compiler.disable
+    @_eager
     def _complete(self, state: AttnResState, v: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
         """The sources with ``v`` completed, and its logits for the queries still to read."""
         memory, j = state.memory, len(state.sources)
