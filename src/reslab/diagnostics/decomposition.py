@@ -30,7 +30,7 @@ from reslab.branch import layer_of
 from reslab.diagnostics.common import flat
 from reslab.diagnostics.recorder import record, trunk_of
 from reslab.losses import loss_fn
-from reslab.residuals.base import RMSNorm
+from reslab.norms import RMSNorm
 
 
 @dataclass

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from reslab.branch import BranchSpec, weights_by_role
 from reslab.models.base import FamilyParts, register_family
-from reslab.residuals.base import NORM_TYPES
+from reslab.norms import NORM_TYPES
 
 GPT2_STD = 0.02
 #: ``reslab train``'s defaults: AdamW with weight decay 0.1, linear warm-up and cosine decay, on the pydoc text

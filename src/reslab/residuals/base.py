@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from reslab.branch import BranchSpec
+from reslab.norms import NORM_TYPES
 from reslab.shortcuts import ZeroPadShortcut, make_shortcut
 
 Tap = Callable[[str, int, Tensor], None]
@@ -264,25 +265,9 @@ class AdditiveScheme(ResidualScheme):
         return torch.stack(comps)
 
 
-class RMSNorm(nn.Module):
-    """``x / rms(x) * g`` over the last axis (Zhang & Sennrich 2019, arXiv 1910.07467), learnable gain ``g``."""
-
-    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True) -> None:
-        super().__init__()
-        self.dim, self.eps = dim, eps
-        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.rms_norm(x, (self.dim,), self.weight, self.eps)
-
-    def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}"
-
-
 NORM_PLACEMENTS = ("none", "pre", "post", "sandwich")
 #: post-combination ops (``post``); ``None`` means ``"none"``
 POST_OPS = ("none", "relu", "bn_relu")
-NORM_TYPES: dict[str, Callable[[int], nn.Module]] = {"layernorm": nn.LayerNorm, "rmsnorm": RMSNorm}
 
 
 class ParameterFreeSkip(nn.Module):

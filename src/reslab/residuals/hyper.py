@@ -57,7 +57,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reslab.branch import BranchSpec
-from reslab.residuals.base import NORM_TYPES, Capabilities, ResidualScheme, register_residual
+from reslab.norms import NORM_TYPES
+from reslab.residuals.base import Capabilities, ResidualScheme, register_residual
 
 Coefs = tuple[Tensor, Tensor, Tensor]  # A_m (..., n), A_r (..., n, n), B (..., n), HC convention
 MATMUL_MIX_WIDTH = 128  # from this width on, the stream mixing is a batched matmul (see MultiStreamScheme._mix)
