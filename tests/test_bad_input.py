@@ -219,7 +219,7 @@ CASES = [
     Case("unknown-scheme-option-axis", SWEEP, "unexpected keyword argument 'nosuch'",
          (sweep_file(toml(axes='"residual_kwargs.nosuch" = [1]')),)),
     # --- configs that do not make sense together
-    Case("concat-on-resnet", SWEEP, "concatenation of all earlier", (sweep_file(toml(
+    Case("concat-on-resnet", SWEEP, "runs only on the families built for it", (sweep_file(toml(
         base='model = "resnet8"\ndata = "digits"\nepochs = 1\nresidual = "concat"', kwargs="width = 4")),)),
     Case("plain-with-zero-init-last", SWEEP, "zero_init_last has no meaning for a plain net",
          (sweep_file(toml(base=BASE + "\nzero_init_last = true", axes='residual = ["identity", "plain"]')),)),

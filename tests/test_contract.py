@@ -9,30 +9,33 @@ import reslab
 from reslab.diagnostics.decomposition import decompose
 from reslab.diagnostics.recorder import record
 from reslab.models import list_families
-from reslab.residuals import ResidualScheme, residual_class
+from reslab.residuals import AdditiveScheme, ResidualScheme, residual_class
 
 from conftest import TINY_FAMILIES, is_lm, only_residuals, tiny_input, tiny_model, tiny_output_shape
 
 SCHEMES = reslab.list_residuals()
+#: the schemes that state their combination as ``equation(x, fx, i)``: every additive one, and others whose rule is
+#: a function of the stream and the branch output alone
+STATED = [s for s in SCHEMES if getattr(residual_class(s), "equation", None) is not None]
 FAMILIES = list(TINY_FAMILIES)
 CONV_FAMILIES = ("resnet8", "preact_resnet8")
 
 
 def refused(family: str, scheme: str) -> bool:
-    """The pairs a scheme must refuse at construction: a norm placement on convolutional maps, a scheme
-    without shape-change support on a family whose stages change width, value residuals on a family
-    without attention branches (every family but the language models), every scheme but ``concat`` on DenseNet
-    (which works with that one only: no additive skip path), and ``concat`` on every other family (their branches
-    read a stream of fixed width, not the concatenation of all earlier outputs)."""
+    """The pairs a scheme must refuse at construction, from what the family and the scheme declare (no scheme named
+    here): a family built for other rules only (``Family.residuals``: DenseNet), a scheme that runs only on the
+    families built for it (``capabilities.family_only``), a branch role the scheme needs and the family lacks
+    (``capabilities.needs_roles``), a norm placement on convolutional maps, or shape-changing branches for a scheme
+    that cannot combine them."""
     if only_residuals(family):
         return scheme not in only_residuals(family)
-    if scheme == "concat":
+    caps = residual_class(scheme).capabilities
+    if caps.family_only:
         return True
-    cls = residual_class(scheme)
-    norm = cls.default_norm or ("pre" if is_lm(family) else "none")
-    if scheme == "value_residual" and not is_lm(family):
+    if set(caps.needs_roles) - {s.role for s in tiny_model(family).trunk.scheme.specs}:
         return True
-    return family in CONV_FAMILIES and (norm != "none" or not cls.capabilities.shape_change)
+    norm = residual_class(scheme).default_norm or ("pre" if is_lm(family) else "none")
+    return family in CONV_FAMILIES and (norm != "none" or not caps.shape_change)
 
 
 def build(family: str, scheme: str, **kw):
@@ -230,3 +233,32 @@ def test_hook_points_see_what_the_recorder_records(family, scheme):
     for n, v in kept.items():
         assert len(v) == len(seen[n]) == 1
         assert torch.equal(v[0], seen[n][0])
+
+
+def test_every_additive_scheme_states_its_equation():
+    missing = [s for s in SCHEMES if issubclass(residual_class(s), AdditiveScheme)
+               and residual_class(s).equation is AdditiveScheme.equation]
+    assert not missing, f"additive schemes that state no equation(x, fx, i): {missing}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scheme", STATED)
+def test_the_trunk_follows_the_stated_equation(family, scheme):
+    """The trunk's output is the loop over the scheme's stated ``equation`` (with the generic read, sandwich norm
+    and post op / post norm around it), and an additive scheme's ``write`` is its own ``skip`` + ``contribution``:
+    a wrong equation in a scheme cannot pass here (e.g. ``x + 3 F(x)`` where ``(x + F(x)) / sqrt(2)`` is stated)."""
+    torch.manual_seed(0)
+    m = build(family, scheme).eval()
+    perturb(m)
+    s = m.trunk.scheme
+    x0 = m.stem(tiny_input(family))
+    state = s.begin(x0)
+    with torch.no_grad():
+        for i, branch in enumerate(m.trunk.branches):
+            h = s.read(state, i)
+            out = branch(h)
+            if isinstance(s, AdditiveScheme):
+                torch.testing.assert_close(s.write(state, i, out, h), s.finish(
+                    i, s.skip(state, i) + s.contribution(s.norm_out(i, out), h, i)), msg=f"write at branch {i}")
+            state = s.finish(i, s.equation(state, s.norm_out(i, out), i))
+        torch.testing.assert_close(m.trunk(x0), s.end(state))

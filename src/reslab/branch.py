@@ -10,6 +10,9 @@ import torch
 from torch import Tensor, nn
 
 ROLES = ("", "attn", "mlp", "transition")
+#: what each role is, in words (for errors)
+ROLE_NAMES = {"": "whole residual blocks", "attn": "attention sublayers", "mlp": "MLP sublayers",
+              "transition": "DenseNet transitions"}
 
 
 @dataclass(frozen=True)

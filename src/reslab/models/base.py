@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from reslab.branch import BranchSpec
+from reslab.branch import ROLE_NAMES, BranchSpec
 from reslab.residuals.base import create_residual, residual_class
 from reslab.trunk import Trunk
 
@@ -145,11 +145,15 @@ def create_model(name: str, residual: str | None = None, shortcut: str | None = 
     fam, d = parse_model_name(name, depth)
     if residual is None:
         residual = fam.residuals[0] if fam.residuals else "identity"
-    residual_class(residual)  # unknown scheme names fail before anything is built
+    caps = residual_class(residual).capabilities  # unknown scheme names fail before anything is built
     if fam.residuals and residual not in fam.residuals:
         raise ValueError(f"the {fam.name} family works only with residual={' / '.join(map(repr, fam.residuals))}, "
                          f"not {residual!r}: its branches are built for that rule (no additive skip path, so no "
                          "plain twin either)")
+    if caps.family_only and residual not in fam.residuals:
+        built = [f.name for f in list_families() if residual in f.residuals]
+        raise ValueError(f"residual scheme {residual!r} runs only on the families built for it "
+                         f"({', '.join(built) or 'none'}), not on {fam.name}")
     if num_classes <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     shape = tuple(fam.default_input_shape if input_shape is None else input_shape)
@@ -167,6 +171,10 @@ def create_model(name: str, residual: str | None = None, shortcut: str | None = 
         kwargs.setdefault("norm", parts.norm)
     if shortcut is not None:
         kwargs["shortcut"] = shortcut
+    missing = [r for r in caps.needs_roles if all(s.role != r for s in parts.specs)]
+    if missing:
+        raise ValueError(f"residual scheme {residual!r} needs {ROLE_NAMES[missing[0]]} (branches of role "
+                         f"{missing[0]!r}); {fam.name}{d} has none")
     scheme = create_residual(residual, parts.specs, **kwargs)
     if shortcut is not None and not any(s.changes_shape for s in parts.specs):
         raise ValueError(f"shortcut option {shortcut!r} has no effect on {fam.name}{d}: none of its branches "

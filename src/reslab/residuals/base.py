@@ -43,6 +43,10 @@ class Capabilities:
         owns_shortcut: builds its own skip projection; no shortcut option may be given.
         reorder: blocks of identical shapes may run in another order (:meth:`reslab.trunk.Trunk.set_order`); not
             where each branch reads the outputs of the very branches before it (concatenation).
+        needs_roles: branch roles (:attr:`BranchSpec.role`) the rule works on, e.g. ``("attn",)`` for the value
+            residual; a model with no branch of such a role is refused when it is built.
+        family_only: the rule runs only on the families built for it (those that name it in their
+            ``residuals``: concatenation on DenseNet), whose branches read what it hands them.
     """
 
     shape_change: bool = True
@@ -52,6 +56,8 @@ class Capabilities:
     uses_shortcut: bool = True
     owns_shortcut: bool = False
     reorder: bool = True
+    needs_roles: tuple[str, ...] = ()
+    family_only: bool = False
 
 
 class ResidualScheme(nn.Module):
@@ -248,6 +254,14 @@ class AdditiveScheme(ResidualScheme):
 
     def contribution(self, out: Tensor, h: Tensor, i: int) -> Tensor:
         return out
+
+    def equation(self, x: Tensor, fx: Tensor, i: int) -> Tensor:
+        """The paper's combination at branch ``i``, written out plainly: the stream after it from the stream ``x``
+        before it and the branch output ``fx`` (after a sandwich norm), with the scheme's own parameters, before
+        the post operation and post norm. Every additive scheme states it apart from :meth:`skip` and
+        :meth:`contribution`; the contract tests run the trunk against it, so a wrong equation in either, or in a
+        :meth:`write` of its own, fails there."""
+        raise NotImplementedError(f"residual scheme {self.name!r} states no equation")
 
     def write(self, state: Tensor, i: int, out: Tensor, h: Tensor) -> Tensor:
         c = self.contribution(self.norm_out(i, out), h, i)

@@ -61,7 +61,8 @@ def concatenated_width(specs: Sequence[BranchSpec]) -> int:
 class Concat(ResidualScheme):
     """``x_l = H_l([x_0, x_1, ..., x_{l-1}])``; a transition's output starts a new concatenation."""
 
-    capabilities = Capabilities(shape_change=True, keeps_history=True, uses_shortcut=False, reorder=False)
+    capabilities = Capabilities(shape_change=True, keeps_history=True, uses_shortcut=False, reorder=False,
+                                family_only=True)
     norm_placements = ("none",)
     post_ops = ("none",)
 

@@ -27,3 +27,6 @@ class ConvShortcut(AdditiveScheme):
 
     def skip(self, state: Tensor, i: int) -> Tensor:
         return self.projections[i](state)
+
+    def equation(self, x: Tensor, fx: Tensor, i: int) -> Tensor:
+        return self.projections[i](x) + fx

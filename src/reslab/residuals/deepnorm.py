@@ -34,6 +34,9 @@ class DeepNorm(AdditiveScheme):
     def skip(self, state: Tensor, i: int) -> Tensor:
         return self.alpha * self.shortcut(i, state)
 
+    def equation(self, x: Tensor, fx: Tensor, i: int) -> Tensor:
+        return self.alpha * x + fx  # inside LN(.), the post norm
+
     def bind(self, branches) -> None:
         for w in weights_by_role(branches, "query", "key"):
             nn.init.xavier_normal_(w, gain=1.0)

@@ -28,3 +28,6 @@ class DropoutShortcut(AdditiveScheme):
 
     def skip(self, state: Tensor, i: int) -> Tensor:
         return F.dropout(self.shortcut(i, state), self.p, self.training)
+
+    def equation(self, x: Tensor, fx: Tensor, i: int) -> Tensor:
+        return F.dropout(self.shortcut(i, x), self.p, self.training) + fx

@@ -80,6 +80,10 @@ class GatedScheme(ResidualScheme):
 class Highway(GatedScheme):
     """``y = T(x) H(x) + (1 - T(x)) x``."""
 
+    def equation(self, x: Tensor, fx: Tensor, i: int) -> Tensor:
+        t = torch.sigmoid(self.gates[i](self.norm_in(i, x)))  # the gate reads what the branch reads
+        return t * fx + (1 - t) * self.shortcut(i, x)
+
 
 @register_residual("exclusive_gating", paper="He et al. 2016, arXiv 1603.05027 (Table 1c)")
 class ExclusiveGating(GatedScheme):
@@ -94,3 +98,7 @@ class ShortcutGating(GatedScheme):
 
     gate_branch = False
     default_bias = -6.0
+
+    def equation(self, x: Tensor, fx: Tensor, i: int) -> Tensor:
+        g = torch.sigmoid(self.gates[i](self.norm_in(i, x)))
+        return (1 - g) * self.shortcut(i, x) + fx

@@ -8,9 +8,14 @@ He et al. 2015 (arXiv 1512.03385), eq. (1)-(2): ``y = F(x) + x``, with ``W_s x``
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from reslab.residuals.base import AdditiveScheme, register_residual
 
 
 @register_residual("identity", paper="He et al. 2015, arXiv 1512.03385")
 class Identity(AdditiveScheme):
     """``x_{l+1} = post(shortcut(x_l) + F_l(x_l))``."""
+
+    def equation(self, x: Tensor, fx: Tensor, i: int) -> Tensor:
+        return fx + self.shortcut(i, x)  # y = F(x) + W_s x (eq. 2; W_s = 1 where the shape is kept)

@@ -38,3 +38,6 @@ class LayerScale(AdditiveScheme):
 
     def contribution(self, out: Tensor, h: Tensor, i: int) -> Tensor:
         return self.specs[i].channel_view(self.scales[i]) * out
+
+    def equation(self, x: Tensor, fx: Tensor, i: int) -> Tensor:
+        return self.shortcut(i, x) + self.specs[i].channel_view(self.scales[i]) * fx  # x + diag(lambda) F(x)

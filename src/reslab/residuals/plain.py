@@ -29,6 +29,9 @@ class Plain(ResidualScheme):
             self.tap("contribution", i, out)
         return self.finish(i, out)
 
+    def equation(self, x: Tensor, fx: Tensor, i: int) -> Tensor:
+        return fx
+
     def decompose(self, x0, outs, mix) -> Tensor:
         """Only the last branch reaches the output: every other component contributes zero."""
         self._check_linear()

@@ -38,5 +38,8 @@ class Scaled(AdditiveScheme):
     def contribution(self, out: Tensor, h: Tensor, i: int) -> Tensor:
         return self.b * out
 
+    def equation(self, x: Tensor, fx: Tensor, i: int) -> Tensor:
+        return self.a * self.shortcut(i, x) + self.b * fx
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, a={self.a:g}, b={self.b:g}"

@@ -40,3 +40,6 @@ class SkipInit(AdditiveScheme):
 
     def contribution(self, out: Tensor, h: Tensor, i: int) -> Tensor:
         return self.alpha[self.layer[i]] * out
+
+    def equation(self, x: Tensor, fx: Tensor, i: int) -> Tensor:
+        return self.shortcut(i, x) + self.alpha[self.layer[i]] * fx

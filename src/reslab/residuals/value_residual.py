@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from reslab.branch import BranchSpec
-from reslab.residuals.base import register_residual
+from reslab.residuals.base import Capabilities, register_residual
 from reslab.residuals.identity import Identity
 
 
@@ -54,6 +54,8 @@ class ValueMix:
 @register_residual("value_residual", paper="Zhou et al. 2024 (ResFormer), arXiv 2410.17897")
 class ValueResidual(Identity):
     """Pre-LN residual whose attention layers ``n >= 2`` use ``lambda_n V_n + (1 - lambda_n) V_1``."""
+
+    capabilities = Capabilities(needs_roles=("attn",))
 
     def __init__(self, specs: Sequence[BranchSpec], init: float = 0.5, learnable: bool = True, **kw: Any) -> None:
         super().__init__(specs, **kw)
