@@ -60,7 +60,7 @@ class NaiveBlockAttnRes(BlockAttnRes):
     """Block AttnRes computed the naive way: at every site, stack all sources (completed block sums and the
     partial sum), RMS-normalise every key again and take one softmax. Same parameters and outputs."""
 
-    def _aggregate(self, state, q: int):
+    def _aggregate(self, state, q: int, weights: bool):
         srcs = torch.stack(state.sources + (() if state.partial is None else (state.partial,)), -2)  # (..., S, d)
         a = torch.softmax(key_norm(srcs) @ self.queries[q].to(srcs.dtype), dim=-1)  # (..., S)
         return (a.unsqueeze(-1) * srcs).sum(-2), a.movedim(-1, 0).unsqueeze(-1)
@@ -89,7 +89,7 @@ class StackedAttnRes(AttnRes):
         lse = torch.logsumexp(z, dim=1) if self.block_size > 1 else None
         return p, o, lse
 
-    def _aggregate(self, state, q: int):
+    def _aggregate(self, state, q: int, weights: bool):
         h, alpha = self._read(state, q)  # (M, d), (M, S)
         lead = state.shape[:-1]
         return h.reshape(state.shape), alpha.t().reshape(-1, *lead, 1)  # as reslab's scheme gives them
@@ -129,9 +129,9 @@ class StackedAttnRes(AttnRes):
             partial, cache = None, None
         return _StackedState(pos, state.shape, keys, values, partial, state.read, cache)
 
-    def write(self, state, i: int, out: Tensor, h: Tensor):
-        if self.tap is not None:
-            self.tap("contribution", i, out)
+    def write(self, state, i: int, out: Tensor, h: Tensor, tap=None):
+        if tap is not None:
+            tap("contribution", i, out)
         v = out.reshape(-1, out.shape[-1])
         return self._advance(state, v if state.partial is None else state.partial + v)
 

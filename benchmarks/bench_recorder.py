@@ -130,11 +130,11 @@ MODELS: dict[str, dict] = {
 
 def detached_tap_cost(model: nn.Module) -> float:
     """Seconds per forward of the code the detached path runs for the taps, other than ``is not None`` tests:
-    ``trunk._tap()`` (scan of the hook points) and the ``scheme.tap = ...`` assignment. Best of 5 x 2000."""
+    ``trunk._tap()`` (the scan of the hook points). Best of 5 x 2000."""
     trunk = model.trunk
 
     def tap_path() -> None:
-        trunk.scheme.tap = trunk._tap()
+        trunk._tap()
 
     return min(timeit.repeat(tap_path, number=2000, repeat=5)) / 2000
 
@@ -335,7 +335,7 @@ def report(res: dict, threads: int) -> list[str]:
     lines.append(f"detached/notap (the hook scan, in step time): {summary(r['detached/notap'])}")
     tap_us, none_us = 1e6 * res["tap_s"], 1e6 * res["none_s"]
     frac = (res["tap_s"] + res["none_s"]) / med["detached"]
-    lines.append(f"detached tap path timed alone: `trunk._tap()` + `scheme.tap = ...` {tap_us:.1f} us per "
+    lines.append(f"detached tap path timed alone: `trunk._tap()` {tap_us:.1f} us per "
                  f"forward, plus {5 * res['n_blocks'] + 1} `is not None` tests {none_us:.1f} us: "
                  f"**{100 * frac:.3f}%** of the detached step")
     same = "identical" if res["wdiff"] == 0 else f"equal to {res['wdiff']:.1e}"

@@ -8,6 +8,7 @@ import torch
 import reslab
 from reslab.diagnostics.decomposition import decompose
 from reslab.diagnostics.recorder import record
+from reslab.branch import branch_input, call_branch
 from reslab.models import list_families
 from reslab.residuals import AdditiveScheme, ResidualScheme, residual_class
 
@@ -244,9 +245,10 @@ def test_every_additive_scheme_states_its_equation():
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("scheme", STATED)
 def test_the_trunk_follows_the_stated_equation(family, scheme):
-    """The trunk's output is the loop over the scheme's stated ``equation`` (with the generic read, sandwich norm
-    and post op / post norm around it), and an additive scheme's ``write`` is its own ``skip`` + ``contribution``:
-    a wrong equation in a scheme cannot pass here (e.g. ``x + 3 F(x)`` where ``(x + F(x)) / sqrt(2)`` is stated)."""
+    """At every branch the stream after ``write`` is the scheme's stated ``equation`` of the stream before it (with
+    the generic read, sandwich norm and post op / post norm around it), and an additive scheme's ``write`` is its own
+    ``skip`` + ``contribution``; the trunk's output is the last of these states. So a wrong equation in a scheme
+    cannot pass here (e.g. ``x + 3 F(x)`` where ``(x + F(x)) / sqrt(2)`` is stated)."""
     torch.manual_seed(0)
     m = build(family, scheme).eval()
     perturb(m)
@@ -256,9 +258,12 @@ def test_the_trunk_follows_the_stated_equation(family, scheme):
     with torch.no_grad():
         for i, branch in enumerate(m.trunk.branches):
             h = s.read(state, i)
-            out = branch(h)
+            out = call_branch(branch, h)
+            x, fx = s.stream(state), s.norm_out(i, out)
+            new = s.write(state, i, out, h)
+            torch.testing.assert_close(s.stream(new), s.finish(i, s.equation(x, fx, i)), msg=f"branch {i}")
             if isinstance(s, AdditiveScheme):
-                torch.testing.assert_close(s.write(state, i, out, h), s.finish(
-                    i, s.skip(state, i) + s.contribution(s.norm_out(i, out), h, i)), msg=f"write at branch {i}")
-            state = s.finish(i, s.equation(state, s.norm_out(i, out), i))
+                torch.testing.assert_close(s.stream(new), s.finish(i, s.stream(s.skip(state, i)) + s.contribution(
+                    fx, branch_input(h), i)), msg=f"write at branch {i}")
+            state = new
         torch.testing.assert_close(m.trunk(x0), s.end(state))

@@ -10,7 +10,7 @@ import reslab
 from reslab import BranchSpec, Trunk, create_residual
 from reslab.diagnostics.decomposition import decompose
 from reslab.diagnostics.recorder import record
-from reslab.residuals.hyper import composite_gain, sinkhorn_knopp
+from reslab.residuals.hyper import Streams, composite_gain, sinkhorn_knopp
 
 from conftest import TanhBranch, tiny_input, tiny_model
 
@@ -64,7 +64,7 @@ def test_init_is_pre_ln(name, n, dynamic):
     state = total.scheme.begin(x)
     for i, b in enumerate(total.branches):
         state = total.scheme.write(state, i, b(total.scheme.read(state, i)), None)
-        torch.testing.assert_close(state, state[..., :1, :].expand_as(state), rtol=tol, atol=tol)
+        torch.testing.assert_close(state.h, state.h[..., :1, :].expand_as(state.h), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("name", SCHEMES)
@@ -107,7 +107,7 @@ def test_hc_static_init_matches_paper():
 def test_mhc_init_mappings():
     """H_post = 1, sum(H_pre) = 1 with its largest weight on stream k mod n, H_res doubly stochastic."""
     n, t = 4, trunk_of("mhc", n_branches=5, streams=4)
-    h = t.scheme.begin(tokens())
+    h = t.scheme.begin(tokens()).h
     for k in range(5):
         a_m, a_r, b = t.scheme.coefficients(h, k)
         torch.testing.assert_close(b, torch.ones_like(b))
@@ -251,10 +251,10 @@ def test_decomposition_at_init_weights_every_component_by_n():
 def test_lesion_removes_the_branch_term(name):
     t, x = trunk_of(name, streams=3), tokens()
     perturb(t.scheme)
-    state = torch.randn(2, 3, 3, D, generator=torch.Generator().manual_seed(5))
+    state = Streams(torch.randn(2, 3, 3, D, generator=torch.Generator().manual_seed(5)))
     for i in range(len(t)):
         h = t.scheme.read(state, i)
-        torch.testing.assert_close(t.scheme.skip(state, i), t.scheme.write(state, i, torch.zeros_like(h), h))
+        torch.testing.assert_close(t.scheme.skip(state, i).h, t.scheme.write(state, i, torch.zeros_like(h), h).h)
     y = t(x)
     t.set_lesion([1])
     lesioned = t(x)
@@ -285,7 +285,7 @@ def test_static_has_no_dynamic_parameters():
 def test_stream_is_the_reduced_state():
     t, x = trunk_of("mhc", streams=3), tokens()
     state = t.scheme.begin(x)
-    assert state.shape == (*x.shape[:-1], 3, D)
+    assert state.h.shape == (*x.shape[:-1], 3, D)
     torch.testing.assert_close(t.scheme.stream(state), 3 * x)
     torch.testing.assert_close(t.scheme.end(state), 3 * x)
 

@@ -1,10 +1,10 @@
 """What the trunk knows about each branch: widths, stride and layout; and what a branch may read: one tensor, or
-several that it reads as one (:class:`Sources`)."""
+several that it reads as one (:class:`Sources`), with keyword inputs of one forward pass (:class:`BranchCall`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +53,28 @@ class BranchSpec:
     def channel_view(self, v: Tensor) -> Tensor:
         """Reshape a per-channel vector so it broadcasts against this branch's output."""
         return v.view(-1, 1, 1) if self.layout == "conv" else v
+
+
+class BranchCall(NamedTuple):
+    """A branch input with keyword inputs of this forward pass: what a scheme's ``read`` returns to have the trunk
+    call ``branch(x, **kwargs)`` (the value residual hands each attention branch its value mix this way, so nothing
+    of one forward pass is stored on a module)."""
+
+    x: Tensor
+    kwargs: dict[str, Any]
+
+
+def call_branch(branch: nn.Module, h: Any) -> Tensor:
+    """``branch(h)``, or ``branch(h.x, **h.kwargs)`` for a :class:`BranchCall`."""
+    return branch(h.x, **h.kwargs) if isinstance(h, BranchCall) else branch(h)
+
+
+def branch_input(h: Any) -> Tensor:
+    """The tensor a branch reads, as the taps show it: the concatenation of :class:`Sources`, the input of a
+    :class:`BranchCall`, else ``h`` itself."""
+    if isinstance(h, BranchCall):
+        h = h.x
+    return h.joined() if isinstance(h, Sources) else h
 
 
 class Sources(tuple):

@@ -4,10 +4,10 @@ Families build branches; the scheme owns the rule; the trunk runs::
 
     state = scheme.begin(x0)
     for i, branch in enumerate(branches):
-        h = scheme.read(state, i)
+        h = scheme.read(state, i, tap)
         out = branch(h)
-        state = scheme.write(state, i, out, h)
-    y = scheme.end(state)
+        state = scheme.write(state, i, out, h, tap)
+    y = scheme.end(state, tap)
 
 Taps. At each depth ``i`` the trunk reports ``resid_pre``, ``state`` (what carries the gradient back past depth
 ``i``: the stream itself, or all of hyper-connections' streams), ``branch_in``, ``branch_out`` and
@@ -20,7 +20,9 @@ sees the tensor. Hooks observe: a value they return is ignored. With no recorder
 nothing is stored or computed.
 
 A scheme may hand a branch several tensors that it reads as one (:class:`~reslab.branch.Sources`: DenseNet's
-concatenation of every earlier output, which the branch joins itself); ``branch_in`` taps them joined.
+concatenation of every earlier output, which the branch joins itself); ``branch_in`` taps them joined. It may also
+hand a branch keyword inputs of this forward pass (:class:`~reslab.branch.BranchCall`: the value residual's value
+mix), called as ``branch(x, **kwargs)``.
 
 Lesions and reordering. Branches in :attr:`Trunk.lesioned` are deleted at run time and the scheme's ``skip``
 decides what the state becomes without them, so "remove block i" is right for every scheme;
@@ -33,7 +35,7 @@ from typing import Iterable, Sequence
 
 from torch import Tensor, nn
 
-from reslab.branch import Sources
+from reslab.branch import branch_input, call_branch
 from reslab.residuals.base import ResidualScheme, Tap
 
 BLOCK_TAPS = ("resid_pre", "state", "branch_in", "branch_out", "contribution", "resid_post", "mix")
@@ -80,7 +82,6 @@ class Trunk(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         scheme, lesioned = self.scheme, self.lesioned
         tap = self._tap()
-        scheme.tap = tap
         state = scheme.begin(x)
         for i in self.order if self.order is not None else range(len(self.branches)):
             if tap is not None:
@@ -89,15 +90,15 @@ class Trunk(nn.Module):
             if lesioned and i in lesioned:
                 state = scheme.skip(state, i)
             else:
-                h = scheme.read(state, i)
-                out = self.branches[i](h)
+                h = scheme.read(state, i, tap)
+                out = call_branch(self.branches[i], h)
                 if tap is not None:
-                    tap("branch_in", i, h.joined() if isinstance(h, Sources) else h)
+                    tap("branch_in", i, branch_input(h))
                     tap("branch_out", i, out)
-                state = scheme.write(state, i, out, h)
+                state = scheme.write(state, i, out, h, tap)
             if tap is not None:
                 tap("resid_post", i, scheme.stream(state))
-        y = scheme.end(state)
+        y = scheme.end(state, tap)
         if tap is not None:
             tap("final", len(self.branches), y)
         return y

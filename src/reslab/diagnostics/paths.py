@@ -171,12 +171,9 @@ class _Linearised:
 
     def __init__(self, trunk: Trunk, x0: Tensor) -> None:
         _check_trunk(trunk)
-        memo: dict[int, Any] = {}
-        for obj in (trunk.recorder, trunk.scheme.tap):
-            if obj is not None:
-                memo[id(obj)] = None  # do not deep-copy an attached recorder
+        memo: dict[int, Any] = {} if trunk.recorder is None else {id(trunk.recorder): None}  # do not copy a recorder
         net = copy.deepcopy(trunk, memo)
-        net.recorder, net.scheme.tap = None, None
+        net.recorder = None
         net.double().eval().requires_grad_(False)
         self.trunk, self.scheme = net, net.scheme
         self.plain = isinstance(net.scheme, Plain)

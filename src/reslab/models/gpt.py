@@ -61,8 +61,8 @@ class Rotary(nn.Module):
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention, ``proj(softmax(q k^T / sqrt(d_h) + causal) v)``.
 
-    ``value_mix``, when set (by the value-residual scheme), maps this layer's values ``(N, T, d)`` to the values
-    attention uses.
+    ``value_mix``, when given (by the value-residual scheme, per forward pass), maps this layer's values
+    ``(N, T, d)`` to the values attention uses.
     """
 
     role = "attn"
@@ -74,13 +74,12 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d, bias=bias)
         self.proj = nn.Linear(d, d, bias=bias)
         self.rotary = [rotary]  # shared by every layer; a list keeps it out of this module's parameters
-        self.value_mix: Callable[[Tensor], Tensor] | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, value_mix: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         n, t, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=-1)
-        if self.value_mix is not None:
-            v = self.value_mix(v)
+        if value_mix is not None:
+            v = value_mix(v)
         q, k, v = (z.view(n, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
         rot = self.rotary[0]
         if rot is not None:

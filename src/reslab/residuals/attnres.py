@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from reslab.branch import BranchSpec
-from reslab.residuals.base import Capabilities, ResidualScheme, register_residual
+from reslab.residuals.base import Capabilities, ResidualScheme, Tap, register_residual
 
 PAPER = "Kimi Team 2026, Attention Residuals, arXiv 2603.15031"
 EPS = 1e-6  # key RMSNorm epsilon
@@ -401,16 +401,16 @@ class BlockAttnResBase(ResidualScheme):
         self.queries = nn.Parameter(torch.zeros(len(self.specs) + 1, dims.pop()))
 
     @_eager
-    def _aggregate(self, state: AttnResState, q: int) -> tuple[Tensor, Tensor | None]:
-        """``h`` (``(*lead, d)``) read with query ``q`` at the current position, and, when a tap listens, its
-        weights ``(S, *lead, 1)``."""
+    def _aggregate(self, state: AttnResState, q: int, weights: bool) -> tuple[Tensor, Tensor | None]:
+        """``h`` (``(*lead, d)``) read with query ``q`` at the current position, and with ``weights`` (a tap
+        listens) its weights ``(S, *lead, 1)``."""
         P, pos, bs, memory = state.partial, state.pos, self.block_size, state.memory
         # a block's first read in depth order does phase 1 for the block's later queries too
         ahead = min(pos // bs * bs + bs, len(self.specs) + 1) - pos - 1 if P is None and q == pos else 0
         memory.used.add(q)
         w = None if P is None else state.queries[q]
-        out = DepthRead.apply(w, P, memory, q, ahead, self.tap is not None, state.sources, state.last)
-        return out if self.tap is not None else (out, None)
+        out = DepthRead.apply(w, P, memory, q, ahead, weights, state.sources, state.last)
+        return out if weights else (out, None)
 
     @_eager
     def _complete(self, state: AttnResState, v: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
@@ -425,10 +425,10 @@ class BlockAttnResBase(ResidualScheme):
         state.sources, state.last = self._complete(state, x0)
         return state
 
-    def read(self, state: AttnResState, i: int) -> Tensor:
-        h, alpha = self._aggregate(state, i)
-        if self.tap is not None:
-            self.tap("mix", i, alpha.squeeze(-1).movedim(0, -1))
+    def read(self, state: AttnResState, i: int, tap: Tap | None = None) -> Tensor:
+        h, alpha = self._aggregate(state, i, tap is not None)
+        if tap is not None:
+            tap("mix", i, alpha.squeeze(-1).movedim(0, -1))
         state.read = self.post(h)
         return self.norm_in(i, state.read)
 
@@ -441,20 +441,20 @@ class BlockAttnResBase(ResidualScheme):
             state.memory.cache.clear()  # phase-1 results left by lesioned sites
         return AttnResState(pos, state.memory, state.queries, sources, last, partial, state.read)
 
-    def write(self, state: AttnResState, i: int, out: Tensor, h: Tensor) -> AttnResState:
-        if self.tap is not None:
-            self.tap("contribution", i, out)
+    def write(self, state: AttnResState, i: int, out: Tensor, h: Tensor, tap: Tap | None = None) -> AttnResState:
+        if tap is not None:
+            tap("contribution", i, out)
         return self._advance(state, out if state.partial is None else state.partial + out)
 
     def skip(self, state: AttnResState, i: int) -> AttnResState:
         """Lesion: branch ``i``'s source is absent (it adds nothing to its block)."""
         return self._advance(state, state.partial)
 
-    def end(self, state: AttnResState) -> Tensor:
+    def end(self, state: AttnResState, tap: Tap | None = None) -> Tensor:
         L = len(self.specs)
-        h, alpha = self._aggregate(state, L)
-        if self.tap is not None:
-            self.tap("mix", L, alpha.squeeze(-1).movedim(0, -1))
+        h, alpha = self._aggregate(state, L, tap is not None)
+        if tap is not None:
+            tap("mix", L, alpha.squeeze(-1).movedim(0, -1))
         return self.post(h)
 
     def stream(self, state: AttnResState) -> Tensor:

@@ -5,12 +5,15 @@ trunk (``reslab.trunk``) runs one loop for every scheme::
 
     state = scheme.begin(x0)
     for i, branch in enumerate(branches):
-        h = scheme.read(state, i)
+        h = scheme.read(state, i, tap)
         out = branch(h)
-        state = scheme.write(state, i, out, h)
-    y = scheme.end(state)
+        state = scheme.write(state, i, out, h, tap)
+    y = scheme.end(state, tap)
 
-A scheme is an ``nn.Module`` that owns the rule's parameters (gates, scales, shortcut projections).
+A scheme is an ``nn.Module`` that owns the rule's parameters (gates, scales, shortcut projections), never state
+of one forward pass: that lives in the state :meth:`~ResidualScheme.begin` makes and the trunk hands from call to
+call (x-transformers' prepare/forward split), and ``tap`` (the recorder and hook points of this pass, or ``None``
+when nobody listens) is an argument too, so a scheme can run in several forward passes at once.
 Each scheme lives in its own module, subclasses :class:`ResidualScheme`, registers itself with
 :func:`register_residual` and carries its paper equation in its docstring.
 """
@@ -123,7 +126,6 @@ class ResidualScheme(nn.Module):
             (nn.BatchNorm2d if s.layout == "conv" else nn.BatchNorm1d)(s.out_dim) for s in self.specs
         ) if post == "bn_relu" else None
         self._init_norms(norm if norm is not None else (self.default_norm or "none"), norm_type)
-        self.tap: Tap | None = None
 
     def _init_norms(self, norm: str, norm_type: str) -> None:
         if norm not in NORM_PLACEMENTS:
@@ -178,15 +180,17 @@ class ResidualScheme(nn.Module):
         """Turn the stem output into the scheme's state (default: the stream itself)."""
         return x0
 
-    def read(self, state: Any, i: int) -> Tensor:
-        """What branch ``i`` sees (default: the stream, through the pre norm if any)."""
+    def read(self, state: Any, i: int, tap: Tap | None = None) -> Tensor:
+        """What branch ``i`` sees (default: the stream, through the pre norm if any). A rule that reads with
+        weights of its own reports them as ``tap("mix", i, weights)``."""
         return self.norm_in(i, state)
 
-    def write(self, state: Any, i: int, out: Tensor, h: Tensor) -> Any:
-        """Combine branch ``i``'s output ``out`` (computed from ``h``) into the state."""
+    def write(self, state: Any, i: int, out: Tensor, h: Tensor, tap: Tap | None = None) -> Any:
+        """Combine branch ``i``'s output ``out`` (computed from ``h``) into the state; report what is actually
+        added as ``tap("contribution", i, c)`` (and gates or mixing weights as ``tap("mix", i, m)``)."""
         raise NotImplementedError
 
-    def end(self, state: Any) -> Tensor:
+    def end(self, state: Any, tap: Tap | None = None) -> Tensor:
         """Final read of the state (default: the stream)."""
         return state
 
@@ -263,10 +267,10 @@ class AdditiveScheme(ResidualScheme):
         :meth:`write` of its own, fails there."""
         raise NotImplementedError(f"residual scheme {self.name!r} states no equation")
 
-    def write(self, state: Tensor, i: int, out: Tensor, h: Tensor) -> Tensor:
+    def write(self, state: Tensor, i: int, out: Tensor, h: Tensor, tap: Tap | None = None) -> Tensor:
         c = self.contribution(self.norm_out(i, out), h, i)
-        if self.tap is not None:
-            self.tap("contribution", i, c)
+        if tap is not None:
+            tap("contribution", i, c)
         return self.finish(i, self.skip(state, i) + c)
 
     def decompose(self, x0: Tensor, outs: Sequence[Tensor], mix: Sequence[Tensor | None]) -> Tensor:

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from reslab.branch import BranchSpec, Sources
-from reslab.residuals.base import Capabilities, ResidualScheme, register_residual
+from reslab.residuals.base import Capabilities, ResidualScheme, Tap, register_residual
 
 
 def concatenated_width(specs: Sequence[BranchSpec]) -> int:
@@ -74,10 +74,10 @@ class Concat(ResidualScheme):
     def begin(self, x0: Tensor) -> Sources:
         return Sources((x0,))
 
-    def read(self, state: Sources, i: int) -> Sources:
+    def read(self, state: Sources, i: int, tap: Tap | None = None) -> Sources:
         return state.parts()
 
-    def write(self, state: Sources, i: int, out: Tensor, h: Sources) -> Sources:
+    def write(self, state: Sources, i: int, out: Tensor, h: Sources, tap: Tap | None = None) -> Sources:
         return Sources((out,)) if self.specs[i].role == "transition" else Sources((*h, out))
 
     def skip(self, state: Sources, i: int) -> Sources:
@@ -94,7 +94,7 @@ class Concat(ResidualScheme):
         """The dense layers (deleting one keeps every shape); never a transition."""
         return [i for i, s in enumerate(self.specs) if s.role != "transition"]
 
-    def end(self, state: Sources) -> Tensor:
+    def end(self, state: Sources, tap: Tap | None = None) -> Tensor:
         return state.joined()
 
     def stream(self, state: Sources) -> Tensor:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from reslab.branch import BranchSpec, layer_of
-from reslab.residuals.base import Capabilities, ResidualScheme, register_residual
+from reslab.residuals.base import Capabilities, ResidualScheme, Tap, register_residual
 
 State = tuple[tuple[Tensor, ...], Tensor]
 
@@ -86,20 +86,20 @@ class DenseFormer(ResidualScheme):
     def begin(self, x0: Tensor) -> State:
         return (x0,), x0
 
-    def read(self, state: State, i: int) -> Tensor:
+    def read(self, state: State, i: int, tap: Tap | None = None) -> Tensor:
         return self.norm_in(i, state[1])
 
-    def write(self, state: State, i: int, out: Tensor, h: Tensor) -> State:
+    def write(self, state: State, i: int, out: Tensor, h: Tensor, tap: Tap | None = None) -> State:
         history, y = state
         c = self.norm_out(i, out)
-        if self.tap is not None:
-            self.tap("contribution", i, c)
-        return self._close(history, self.finish(i, y + c), i)
+        if tap is not None:
+            tap("contribution", i, c)
+        return self._close(history, self.finish(i, y + c), i, tap)
 
     def skip(self, state: State, i: int) -> State:
         return self._close(*state, i)
 
-    def _close(self, history: tuple[Tensor, ...], x: Tensor, b: int) -> State:
+    def _close(self, history: tuple[Tensor, ...], x: Tensor, b: int, tap: Tap | None = None) -> State:
         """After branch ``b``: at a layer end keep ``X_i = x`` and take the DWA step, else carry on."""
         if b not in self.layer_end:
             return history, x
@@ -108,15 +108,15 @@ class DenseFormer(ResidualScheme):
         a = self.alpha(i)
         if a is None:
             return history, x
-        if self.tap is not None:
-            self.tap("mix", b, a)
+        if tap is not None:
+            tap("mix", b, a)
         src = dwa_sources(i, self.dilation)
         y = a[0] * history[src[0]]
         for m in range(1, len(src)):
             y = y + a[m] * history[src[m]]
         return history, y
 
-    def end(self, state: State) -> Tensor:
+    def end(self, state: State, tap: Tap | None = None) -> Tensor:
         return state[1]
 
     def stream(self, state: State) -> Tensor:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from reslab.branch import BranchSpec
-from reslab.residuals.base import Capabilities, ResidualScheme, register_residual
+from reslab.residuals.base import Capabilities, ResidualScheme, Tap, register_residual
 
 
 def _gate(spec: BranchSpec, bias: float) -> nn.Module:
@@ -48,16 +48,16 @@ class GatedScheme(ResidualScheme):
         self.gate_bias = bias
         self.gates = nn.ModuleList(_gate(s, bias) for s in self.specs)
 
-    def write(self, state: Tensor, i: int, out: Tensor, h: Tensor) -> Tensor:
+    def write(self, state: Tensor, i: int, out: Tensor, h: Tensor, tap: Tap | None = None) -> Tensor:
         t = torch.sigmoid(self.gates[i](h))
         out = self.norm_out(i, out)
         c = t * out if self.gate_branch else out
         carry = self.shortcut(i, state)
         if self.gate_skip:
             carry = (1.0 - t) * carry
-        if self.tap is not None:
-            self.tap("mix", i, t)
-            self.tap("contribution", i, c)
+        if tap is not None:
+            tap("mix", i, t)
+            tap("contribution", i, c)
         return self.finish(i, carry + c)
 
     def decompose(self, x0, outs, mix) -> Tensor:

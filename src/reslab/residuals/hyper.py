@@ -33,7 +33,8 @@ dynamic terms read per stream (HC-style norms) instead of from the flattened ``n
 post-activation MLP's ReLU) applies to every stream after each combination, ``H' = post(A_r^T H + B^T out)``; at init
 this is the identity scheme with the same ``post``.
 
-Taps and tools. State: ``(..., n, d)`` (streams on axis -2). ``stream(state)`` and ``end`` reduce over the streams
+Taps and tools. State: :class:`Streams`, the streams ``(..., n, d)`` (on axis -2) and the coefficients that
+:meth:`read` computed for :meth:`write` (per forward pass). ``stream(state)`` and ``end`` reduce over the streams
 (``reduce``). ``mix`` (every branch ``i``): one tensor ``(..., n, n+2) = [A_r | A_m | B]`` per token, in HC's
 convention ``H' = A_r^T H + B^T out``, ``h = A_m^T H`` (for ``mhc``: ``A_r = H_res^T``, ``A_m = H_pre^T``,
 ``B = H_post``). ``contribution``: the branch term as the reduced stream sees it, ``reduce(B) * out``. Lesion
@@ -58,9 +59,20 @@ from torch import Tensor, nn
 
 from reslab.branch import BranchSpec
 from reslab.norms import NORM_TYPES
-from reslab.residuals.base import Capabilities, ResidualScheme, register_residual
+from reslab.residuals.base import Capabilities, ResidualScheme, Tap, register_residual
 
 Coefs = tuple[Tensor, Tensor, Tensor]  # A_m (..., n), A_r (..., n, n), B (..., n), HC convention
+
+
+class Streams:
+    """The state of one forward pass: the streams ``h`` ``(..., n, d)`` and, between :meth:`MultiStreamScheme.read`
+    and ``write`` of branch ``i``, the coefficients ``(i, (A_m, A_r, B))`` that the read computed (the write reuses
+    them instead of computing them again)."""
+
+    __slots__ = ("h", "coefs")
+
+    def __init__(self, h: Tensor) -> None:
+        self.h, self.coefs = h, None
 MATMUL_MIX_WIDTH = 128  # from this width on, the stream mixing is a batched matmul (see MultiStreamScheme._mix)
 
 
@@ -153,19 +165,12 @@ class MultiStreamScheme(ResidualScheme):
             raise ValueError(f"residual scheme {self.name!r} needs feature streams of one width (transformers, MLPs)")
         self.streams, self.dynamic, self.reduce = streams, bool(dynamic), reduce
         self.dim = self.specs[0].in_dim
-        self._pending: tuple[int, Tensor, Coefs] | None = None
 
     def coefficients(self, state: Tensor, i: int) -> Coefs:
         """``(A_m, A_r, B)`` of branch ``i`` for the streams ``state`` (``(..., n, d)``), per token: the subclass's
         per-branch module ``sites[i]``."""
         return self.sites[i](state)
 
-    def _coefs(self, state: Tensor, i: int) -> Coefs:
-        """The coefficients, reused from :meth:`read` when ``write`` sees the same state."""
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == i and pending[1] is state:
-            return pending[2]
-        return self.coefficients(state, i)
 
     def _reduce(self, x: Tensor, dim: int) -> Tensor:
         return x.sum(dim) if self.reduce == "sum" else x.mean(dim)
@@ -180,38 +185,36 @@ class MultiStreamScheme(ResidualScheme):
             return torch.matmul(a_r.transpose(-1, -2), state)
         return (a_r.unsqueeze(-1) * state.unsqueeze(-2)).sum(-3)
 
-    def begin(self, x0: Tensor) -> Tensor:
-        self._pending = None
-        return x0.unsqueeze(-2).expand(*x0.shape[:-1], self.streams, x0.shape[-1])
+    def begin(self, x0: Tensor) -> Streams:
+        return Streams(x0.unsqueeze(-2).expand(*x0.shape[:-1], self.streams, x0.shape[-1]))
 
-    def read(self, state: Tensor, i: int) -> Tensor:
-        coefs = self.coefficients(state, i)
-        self._pending = (i, state, coefs)
-        return self.norm_in(i, (coefs[0].unsqueeze(-1) * state).sum(-2))
+    def read(self, state: Streams, i: int, tap: Tap | None = None) -> Tensor:
+        coefs = self.coefficients(state.h, i)
+        state.coefs = (i, coefs)
+        return self.norm_in(i, (coefs[0].unsqueeze(-1) * state.h).sum(-2))
 
-    def write(self, state: Tensor, i: int, out: Tensor, h: Tensor) -> Tensor:
-        a_m, a_r, b = self._coefs(state, i)
-        new = self._mix(a_r, state) + b.unsqueeze(-1) * out.unsqueeze(-2)
-        if self.tap is not None:
-            self.tap("mix", i, torch.cat((a_r, a_m.unsqueeze(-1), b.unsqueeze(-1)), dim=-1))
-            self.tap("contribution", i, self._reduce(b, -1).unsqueeze(-1) * out)
-        return self.post(new)
+    def write(self, state: Streams, i: int, out: Tensor, h: Tensor, tap: Tap | None = None) -> Streams:
+        a_m, a_r, b = state.coefs[1] if state.coefs and state.coefs[0] == i else self.coefficients(state.h, i)
+        new = self._mix(a_r, state.h) + b.unsqueeze(-1) * out.unsqueeze(-2)
+        if tap is not None:
+            tap("mix", i, torch.cat((a_r, a_m.unsqueeze(-1), b.unsqueeze(-1)), dim=-1))
+            tap("contribution", i, self._reduce(b, -1).unsqueeze(-1) * out)
+        return Streams(self.post(new))
 
-    def skip(self, state: Tensor, i: int) -> Tensor:
+    def skip(self, state: Streams, i: int) -> Streams:
         """Lesion: ``H' = post(A_r(H)^T H)``, the stream mixing without the branch term."""
-        return self.post(self._mix(self.coefficients(state, i)[1], state))
+        return Streams(self.post(self._mix(self.coefficients(state.h, i)[1], state.h)))
 
-    def end(self, state: Tensor) -> Tensor:
-        self._pending = None  # nothing of this forward pass is kept
-        return self._reduce(state, -2)
+    def end(self, state: Streams, tap: Tap | None = None) -> Tensor:
+        return self._reduce(state.h, -2)
 
-    def stream(self, state: Tensor) -> Tensor:
+    def stream(self, state: Streams) -> Tensor:
         """The reduced stream (what :meth:`end` returns), shaped like ``x0``."""
-        return self._reduce(state, -2)
+        return self._reduce(state.h, -2)
 
-    def carrier(self, state: Tensor) -> Tensor:
+    def carrier(self, state: Streams) -> Tensor:
         """All ``n`` streams: the reduced stream is a summary no later depth reads, so it carries no gradient."""
-        return state
+        return state.h
 
     def decompose(self, x0: Tensor, outs: Sequence[Tensor], mix: Sequence[Tensor | None]) -> Tensor:
         """Carry each component's per-stream coefficients through the recorded ``A_r``: ``x0`` starts at ``1`` on every

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from reslab.residuals.base import Capabilities, ParameterFreeSkip, ResidualScheme, register_residual
+from reslab.residuals.base import Capabilities, ParameterFreeSkip, ResidualScheme, Tap, register_residual
 
 
 @register_residual("plain", paper="He et al. 2015, arXiv 1512.03385 (plain baseline)")
@@ -23,10 +23,10 @@ class Plain(ResidualScheme):
         super().__init__(specs, **kw)
         self.lesion_skips = nn.ModuleList(ParameterFreeSkip(s) for s in self.specs)
 
-    def write(self, state: Tensor, i: int, out: Tensor, h: Tensor) -> Tensor:
+    def write(self, state: Tensor, i: int, out: Tensor, h: Tensor, tap: Tap | None = None) -> Tensor:
         out = self.norm_out(i, out)
-        if self.tap is not None:
-            self.tap("contribution", i, out)
+        if tap is not None:
+            tap("contribution", i, out)
         return self.finish(i, out)
 
     def equation(self, x: Tensor, fx: Tensor, i: int) -> Tensor:

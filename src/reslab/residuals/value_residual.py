@@ -12,12 +12,14 @@ convex form used here is the one the NanoGPT speedrun adopted (Nov. 2024, one sc
 ``lambda_n = 1`` is exactly the Pre-LN transformer. Everything else is the Pre-LN additive residual
 ``x + F(N(x))`` (:class:`~reslab.residuals.identity.Identity`), so the stream and its decomposition are unchanged.
 
-Wiring: :meth:`ValueResidual.bind` sets each attention branch's ``value_mix`` (branches with role ``"attn"``);
-``V_1`` is the values of the first attention branch by depth index, kept on the scheme for one forward only
-(set by that branch, cleared in :meth:`begin` and :meth:`end`). Outside a trunk forward (a branch called on its
-own) values pass unchanged. Lesion of the first attention branch: ``V_1`` does not exist in that forward, so the
+Wiring, per forward pass (nothing is stored on a module): the state is :class:`ValueState`, the stream and a cell
+shared by the pass's states; :meth:`ValueResidual.read` hands each attention branch (role ``"attn"``) a value mix
+as a keyword input (:class:`~reslab.branch.BranchCall`, ``branch(h, value_mix=...)``). The first attention branch by
+depth index puts its values ``V_1`` in the cell; the later ones mix with them. A branch called on its own gets no
+value mix (values unchanged). Lesion of the first attention branch: ``V_1`` does not exist in that forward, so the
 later layers use their own values unmixed (``V_n' = V_n``); the same holds for any attention layer that runs
-before it under a custom block order. Families without attention branches are refused at :meth:`bind`.
+before it under a custom block order. A model without attention branches is refused when it is built
+(``capabilities.needs_roles``), and one whose attention branches take no ``value_mix`` at :meth:`bind`.
 
 Args:
     init: initial ``lambda_n``.
@@ -26,29 +28,27 @@ Args:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from reslab.branch import BranchSpec
-from reslab.residuals.base import Capabilities, register_residual
+from reslab.branch import BranchCall, BranchSpec
+from reslab.residuals.base import Capabilities, Tap, register_residual
 from reslab.residuals.identity import Identity
 
 
-class ValueMix:
-    """The ``value_mix`` callable of attention branch ``branch``: a plain object (not a closure), so that
-    ``copy.deepcopy`` and pickling of a model follow it to the copied scheme."""
+class ValueState:
+    """The state of one forward pass: the stream ``x`` and the cell holding ``V_1`` once the first attention branch
+    has run (``cell[0]``, shared by every state of the pass)."""
 
-    def __init__(self, scheme: "ValueResidual", branch: int) -> None:
-        self.scheme, self.branch = scheme, branch
+    __slots__ = ("x", "cell")
 
-    def __call__(self, v: Tensor) -> Tensor:
-        return self.scheme.mix_values(self.branch, v)
-
-    def __repr__(self) -> str:
-        return f"ValueMix(branch={self.branch})"
+    def __init__(self, x: Tensor, cell: list[Tensor | None]) -> None:
+        self.x, self.cell = x, cell
 
 
 @register_residual("value_residual", paper="Zhou et al. 2024 (ResFormer), arXiv 2410.17897")
@@ -72,43 +72,50 @@ class ValueResidual(Identity):
             self.lambdas = nn.Parameter(lam)
         else:
             self.register_buffer("lambdas", lam)
-        self._v1: Tensor | None = None
-        self._active = False
 
     def bind(self, branches: Sequence[nn.Module]) -> None:
-        """Wire ``value_mix`` into every attention branch; refuse a model without attention branches."""
-        if not self.attn:
-            raise ValueError("residual scheme 'value_residual' needs attention branches (role 'attn'); "
-                             "this model has none")
+        """Check that every attention branch takes a ``value_mix`` keyword input."""
         if len(branches) != len(self.specs):
             raise ValueError(f"residual scheme 'value_residual' was built for {len(self.specs)} branches, "
                              f"got {len(branches)}")
         for b in self.attn:
-            if not hasattr(branches[b], "value_mix"):
+            if "value_mix" not in inspect.signature(branches[b].forward).parameters:
                 raise ValueError(f"residual scheme 'value_residual': attention branch {b} "
-                                 f"({type(branches[b]).__name__}) has no value_mix hook")
-        for b in self.attn:
-            branches[b].value_mix = ValueMix(self, b)
+                                 f"({type(branches[b]).__name__}) takes no value_mix input")
 
-    def begin(self, x0: Tensor) -> Tensor:
-        self._v1, self._active = None, True
-        return x0
+    # --- the protocol, on the stream inside the state ----------------------------------------
+    def begin(self, x0: Tensor) -> ValueState:
+        return ValueState(x0, [None])
 
-    def end(self, state: Tensor) -> Tensor:
-        self._v1, self._active = None, False
-        return state
+    def read(self, state: ValueState, i: int, tap: Tap | None = None) -> Tensor | BranchCall:
+        h = self.norm_in(i, state.x)
+        return BranchCall(h, {"value_mix": functools.partial(self.mix_values, state.cell, i)}) if i in self.attn else h
 
-    def mix_values(self, branch: int, v: Tensor) -> Tensor:
-        """The values attention branch ``branch`` uses, given its own values ``v`` ``(N, T, d)``."""
-        if not self._active:
-            return v
+    def write(self, state: ValueState, i: int, out: Tensor, h: Any, tap: Tap | None = None) -> ValueState:
+        return ValueState(super().write(state.x, i, out, h, tap), state.cell)
+
+    def skip(self, state: ValueState | Tensor, i: int) -> ValueState | Tensor:
+        """The skip path: of the stream in a state (a lesion), or of a tensor (as in :meth:`decompose`)."""
+        if isinstance(state, ValueState):
+            return ValueState(super().skip(state.x, i), state.cell)
+        return super().skip(state, i)
+
+    def end(self, state: ValueState, tap: Tap | None = None) -> Tensor:
+        return state.x
+
+    def stream(self, state: ValueState) -> Tensor:
+        return state.x
+
+    def mix_values(self, cell: list[Tensor | None], branch: int, v: Tensor) -> Tensor:
+        """The values attention branch ``branch`` uses, given its own values ``v`` ``(N, T, d)``, in the forward pass
+        whose ``V_1`` cell is ``cell``."""
         if branch == self.attn[0]:
-            self._v1 = v
+            cell[0] = v
             return v
-        if self._v1 is None:  # the first attention layer was lesioned (or has not run) in this forward
+        if cell[0] is None:  # the first attention layer was lesioned (or has not run) in this forward
             return v
         lam = self.lambdas[self._slot[branch]]
-        return lam * v + (1.0 - lam) * self._v1
+        return lam * v + (1.0 - lam) * cell[0]
 
     def value_lambdas(self) -> dict[int, float]:
         """``{branch index: lambda_n}`` for the attention branches after the first."""
