@@ -267,3 +267,32 @@ def test_the_trunk_follows_the_stated_equation(family, scheme):
                     fx, branch_input(h), i)), msg=f"write at branch {i}")
             state = new
         torch.testing.assert_close(m.trunk(x0), s.end(state))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_mix_tap_has_its_declared_shape(family, scheme):
+    """A scheme emits ``mix`` exactly when it declares ``mix_shape``; per-sample mixes lead with the batch and a
+    recorder joins two forward passes along it, parameter-shaped ones do not depend on the batch and a recorder
+    keeps one per forward pass (two forwards of an (8,) weight vector give (2, 8), not (16,))."""
+    torch.manual_seed(0)
+    m = build(family, scheme).eval()
+    caps = m.trunk.scheme.capabilities
+    assert caps.exposes_mixing == (caps.mix_shape is not None)
+    seen: dict[int, list] = {}
+    m.trunk.set_tap(lambda name, i, t: seen.setdefault(i, []).append(t) if name == "mix" else None)
+    m(tiny_input(family, batch=6))
+    m(tiny_input(family, batch=3))
+    m.trunk.set_tap(None)
+    assert bool(seen) == (caps.mix_shape is not None)
+    with record(m, names=("mix",)) as rec:
+        m(tiny_input(family, batch=6))
+        m(tiny_input(family, batch=3))
+    for i, (a, b) in seen.items():
+        kept = rec.by_depth("mix", len(m.trunk) + 1)[i]
+        if caps.mix_per_forward:
+            assert a.shape == b.shape and a.dim() == len(caps.mix_shape)
+            assert kept.shape == (2, *a.shape)
+        else:
+            assert (a.shape[0], b.shape[0]) == (6, 3) and a.shape[1:] == b.shape[1:]
+            assert kept.shape == (9, *a.shape[1:])

@@ -150,6 +150,8 @@ def decompose(model: nn.Module, x: Tensor) -> Decomposition:
     finally:
         model.train(training)
     mix = rec.by_depth("mix", len(trunk) + 1)
+    if trunk.scheme.capabilities.mix_per_forward:  # one forward pass: its parameter-shaped weights
+        mix = [None if m is None else m[0] for m in mix]
     outs = rec.get("branch_out")
     return Decomposition(trunk.scheme.decompose(x0, outs, mix), rec.get("final")[0], [x0, *outs])
 

@@ -14,7 +14,9 @@ The built-in ``"norm"`` (:func:`sample_norms`) does not depend on the tap's name
 tensor the previous kept tap had (``contribution`` is ``branch_out`` for schemes that add the branch as it is;
 ``resid_pre`` of block ``i + 1`` is ``resid_post`` of block ``i``; ``state`` is ``resid_pre`` but for
 hyper-connections) its norms are reused instead of computed again.
-The context manager always detaches, also on error.
+The context manager always detaches, also on error. A parameter-shaped tap (a scheme's ``mix`` where
+``capabilities.mix_shape`` has no batch axis: DenseFormer's weights) is kept once per forward pass and returned
+stacked along a new first axis (forward passes), not joined along the batch.
 """
 
 from __future__ import annotations
@@ -50,10 +52,13 @@ class Recorder:
         grads: also capture ``dL/d(state_i)`` during backward (needs a graph through the stream): the gradient of
             the stream at the start of block ``i``, of all ``n`` streams for hyper-connections.
         grad_reduce: reduction applied to each captured gradient, a function or ``"norm"``.
+        per_forward: taps that are parameter-shaped (no batch axis): :meth:`get` stacks them along a new first axis,
+            one entry per forward pass (:func:`record` sets it from the scheme's ``capabilities.mix_shape``).
     """
 
     def __init__(self, names: Iterable[str] | None = None, reduce: Reduce | str | None = None, grads: bool = False,
-                 grad_reduce: Reduce | str | None = None) -> None:
+                 grad_reduce: Reduce | str | None = None, per_forward: Iterable[str] = ()) -> None:
+        self.per_forward = frozenset(per_forward)
         self.names = frozenset(names) if names is not None else frozenset((*BLOCK_TAPS, "final"))
         unknown = self.names - {*BLOCK_TAPS, "final"}
         if unknown:
@@ -104,14 +109,19 @@ class Recorder:
         g, reduce = g.detach(), self.grad_reduce
         self._grads[i].append(g if reduce is None else sample_norms(g) if reduce == "norm" else reduce("grad", i, g))
 
+    def _join(self, name: str, kept: list[Tensor]) -> Tensor:
+        return torch.stack(kept) if name in self.per_forward else torch.cat(kept)
+
     def get(self, name: str) -> list[Tensor]:
-        """Tensors tapped under ``name``, one per depth (in depth order), batches concatenated along dim 0."""
+        """Tensors tapped under ``name``, one per depth (in depth order), batches concatenated along dim 0
+        (parameter-shaped taps: stacked, one per forward pass)."""
         depths = sorted(i for (n, i) in self._data if n == name)
-        return [torch.cat(self._data[(name, i)]) for i in depths]
+        return [self._join(name, self._data[(name, i)]) for i in depths]
 
     def by_depth(self, name: str, n: int) -> list[Tensor | None]:
-        """Tensors tapped under ``name`` at depths ``0..n-1`` (batches concatenated), ``None`` where nothing was."""
-        return [torch.cat(self._data[(name, i)]) if (name, i) in self._data else None for i in range(n)]
+        """Tensors tapped under ``name`` at depths ``0..n-1`` (joined as by :meth:`get`), ``None`` where nothing
+        was."""
+        return [self._join(name, self._data[(name, i)]) if (name, i) in self._data else None for i in range(n)]
 
     def grads(self) -> list[Tensor]:
         """``dL/d(state_i)`` per depth, batches concatenated along dim 0."""
@@ -140,7 +150,8 @@ def record(model: nn.Module, names: Iterable[str] | None = None, reduce: Reduce 
     trunk = trunk_of(model)
     if trunk.recorder is not None:
         raise ValueError("a recorder is already attached to this trunk")
-    rec = Recorder(names, reduce, grads, grad_reduce)
+    rec = Recorder(names, reduce, grads, grad_reduce,
+                   per_forward=("mix",) if trunk.scheme.capabilities.mix_per_forward else ())
     trunk.set_tap(rec)
     try:
         yield rec

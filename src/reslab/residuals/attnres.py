@@ -383,7 +383,8 @@ class AttnResState:
 class BlockAttnResBase(ResidualScheme):
     """Depth attention over block sums; see the module docstring."""
 
-    capabilities = Capabilities(shape_change=False, keeps_history=True, exposes_mixing=True, uses_shortcut=False)
+    capabilities = Capabilities(shape_change=False, keeps_history=True, exposes_mixing=True, uses_shortcut=False,
+                                mix_shape=("N", "*lead", "sources"))
     norm_placements = ("none", "pre")
     post_ops = ("none", "relu")  # the post op applies to every aggregated read, outside finish()
 

@@ -42,6 +42,9 @@ class Capabilities:
         multi_stream: carries several parallel streams (hyper-connections).
         keeps_history: keeps earlier outputs (DenseNet, DenseFormer, Attention Residuals).
         exposes_mixing: emits mixing weights (gates, depth weights, stream matrices) on the ``mix`` tap.
+        mix_shape: the shape of what it emits on the ``mix`` tap, by axis name (``None`` with no ``mix`` tap): a
+            first axis ``"N"`` is the batch (one entry per sample: a recorder joins batches along it), else the
+            tensor is parameter-shaped, the same for every sample (a recorder keeps it once per forward pass).
         uses_shortcut: combines through a shortcut object, so a shortcut option applies.
         owns_shortcut: builds its own skip projection; no shortcut option may be given.
         reorder: blocks of identical shapes may run in another order (:meth:`reslab.trunk.Trunk.set_order`); not
@@ -61,6 +64,12 @@ class Capabilities:
     reorder: bool = True
     needs_roles: tuple[str, ...] = ()
     family_only: bool = False
+    mix_shape: tuple[str, ...] | None = None
+
+    @property
+    def mix_per_forward(self) -> bool:
+        """The ``mix`` tap is parameter-shaped: one tensor per forward pass, not one entry per sample."""
+        return self.mix_shape is not None and self.mix_shape[0] != "N"
 
 
 class ResidualScheme(nn.Module):

@@ -52,7 +52,7 @@ class DenseFormer(ResidualScheme):
     """``X_i = B_i(Y_{i-1})``, ``Y_i = sum_{j in S_i} alpha_{i,j} X_j``; inside a layer ``x + F(N(x))``."""
 
     capabilities = Capabilities(shape_change=False, keeps_history=True, exposes_mixing=True,
-                                uses_shortcut=False)
+                                uses_shortcut=False, mix_shape=("sources",))  # alpha_i, at each layer end
     norm_placements = ("none", "pre")
 
     def __init__(self, specs: Sequence[BranchSpec], dilation: int = 1, period: int = 1, **kw: Any) -> None:

@@ -37,7 +37,7 @@ def _gate(spec: BranchSpec, bias: float) -> nn.Module:
 class GatedScheme(ResidualScheme):
     """``y = post(s(T) * shortcut(x) + b(T) * F(x))`` with ``T = sigmoid(gate(x))``."""
 
-    capabilities = Capabilities(exposes_mixing=True)
+    capabilities = Capabilities(exposes_mixing=True, mix_shape=("N", "*branch_out"))  # the gate T per output entry
     gate_branch = True
     gate_skip = True
     default_bias = -2.0

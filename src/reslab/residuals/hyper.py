@@ -151,7 +151,8 @@ def composite_gain(mix_list: Sequence[Tensor | None], backward: bool = False) ->
 class MultiStreamScheme(ResidualScheme):
     """``n`` streams mixed by per-branch coefficients ``(A_m, A_r, B)`` from :meth:`coefficients`."""
 
-    capabilities = Capabilities(shape_change=False, multi_stream=True, exposes_mixing=True, uses_shortcut=False)
+    capabilities = Capabilities(shape_change=False, multi_stream=True, exposes_mixing=True, uses_shortcut=False,
+                                mix_shape=("N", "*lead", "n", "n + 2"))
     norm_placements = ("none", "pre")
     post_ops = ("none", "relu")  # the post op applies to every aggregated read, outside finish()
 
