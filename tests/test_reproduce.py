@@ -97,3 +97,16 @@ def test_missing_data_fails_before_any_training(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "nope.txt" in err and err.count("\n") == 1
     assert not rep.exists()  # the first claim's run never started
+
+
+def test_run_ids_read_back_and_a_malformed_one_is_one_line():
+    from reslab.experiments import degradation, lr_sensitivity, transformers
+    from reslab.experiments.base import split_id
+
+    assert transformers.parse_trend_id("lm-block_attnres-L6-s1-1of4") == ("block_attnres", 6, 1, 4)
+    assert transformers.parse_trend_id(transformers.run_id("pre-ln", 12, 3)) == ("pre-ln", 12, 3, 1)
+    assert lr_sensitivity.parse_id(lr_sensitivity.run_id("scaled", 8, 0.1, 2)) == ("scaled", 8, 0.1, 2)
+    assert degradation.parse_id("residual-zero-init-d56-s2") == ("residual-zero-init", 56, 2)
+    for bad in ("lrs-scaled-b8-lrX-s2", "lrs--b8-lr0.1-s2", "scaled-b8-lr0.1-s2", "lrs-b8"):
+        with pytest.raises(ValueError, match=r"is not of the form lrs-NAME-bINT-lrFLOAT-sINT$"):
+            split_id(bad, "lrs-", ("b", int), ("lr", float), ("s", int))

@@ -50,6 +50,13 @@ class BranchSpec:
         """True when the branch output cannot be added to its input as it is."""
         return self.in_dim != self.out_dim or self.stride != 1
 
+    def pointwise(self, bias: bool = False) -> nn.Module:
+        """A map from what the branch reads to the shape it writes, entry by entry: a 1x1 convolution with the
+        branch's stride on maps, a linear map on features (projection shortcuts, highway gates)."""
+        if self.layout == "conv":
+            return nn.Conv2d(self.in_dim, self.out_dim, 1, stride=self.stride, bias=bias)
+        return nn.Linear(self.in_dim, self.out_dim, bias=bias)
+
     def channel_view(self, v: Tensor) -> Tensor:
         """Reshape a per-channel vector so it broadcasts against this branch's output."""
         return v.view(-1, 1, 1) if self.layout == "conv" else v

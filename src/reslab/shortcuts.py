@@ -53,12 +53,8 @@ class ProjectionShortcut(nn.Module):
 
     def __init__(self, spec: BranchSpec) -> None:
         super().__init__()
-        if spec.layout == "conv":
-            self.proj: nn.Module = nn.Sequential(
-                nn.Conv2d(spec.in_dim, spec.out_dim, 1, stride=spec.stride, bias=False),
-                nn.BatchNorm2d(spec.out_dim))
-        else:
-            self.proj = nn.Linear(spec.in_dim, spec.out_dim, bias=False)
+        self.proj = nn.Sequential(spec.pointwise(), nn.BatchNorm2d(spec.out_dim)) if spec.layout == "conv" \
+            else spec.pointwise()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x)

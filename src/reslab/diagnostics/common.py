@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from reslab.diagnostics.recorder import trunk_of
+from reslab.evaluation import errors, eval_mode
 
 
 def channel_dim(model: nn.Module, i: int) -> int:
@@ -39,9 +40,6 @@ def preserved(model: nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def error_rate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 2000) -> float:
     """Classification error of ``model`` (eval mode) on prepared inputs ``x``."""
-    training = model.training
-    model.eval()
-    wrong = sum(int((model(x[i:i + batch_size]).argmax(-1) != y[i:i + batch_size]).sum())
-                for i in range(0, len(y), batch_size))
-    model.train(training)
+    with eval_mode(model):
+        wrong = sum(int(errors(model(x[i:i + batch_size]), y[i:i + batch_size])) for i in range(0, len(y), batch_size))
     return wrong / max(1, y.numel())

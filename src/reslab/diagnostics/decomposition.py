@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from reslab.branch import layer_of
 from reslab.diagnostics.common import flat
 from reslab.diagnostics.recorder import record, trunk_of
+from reslab.evaluation import eval_mode
 from reslab.losses import loss_fn
 from reslab.norms import RMSNorm
 
@@ -141,14 +142,10 @@ def decompose(model: nn.Module, x: Tensor) -> Decomposition:
         ValueError: the scheme has no exact decomposition (it renormalises the stream after combining).
     """
     trunk = trunk_of(model)
-    training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         x0 = model.stem(x)
         with record(trunk, names=("branch_out", "mix", "final")) as rec:
             trunk(x0)
-    finally:
-        model.train(training)
     mix = rec.by_depth("mix", len(trunk) + 1)
     if trunk.scheme.capabilities.mix_per_forward:  # one forward pass: its parameter-shaped weights
         mix = [None if m is None else m[0] for m in mix]
@@ -227,9 +224,7 @@ def logit_lens(model: nn.Module, x: Tensor, target: Tensor | None = None) -> Len
     from the final stream's (the earlier stages of a CNN that grows its channels) cannot be decoded: NaN there.
     """
     trunk = trunk_of(model)
-    training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with record(trunk, names=("resid_pre", "final")) as rec:
             logits = model(x)
         streams = rec.get("resid_pre") + rec.get("final")
@@ -244,6 +239,4 @@ def logit_lens(model: nn.Module, x: Tensor, target: Tensor | None = None) -> Len
             logp = F.log_softmax(logits_s.float(), -1)
             kl.append(float(F.kl_div(logp, final_logp, log_target=True, reduction="none").sum(-1).mean()))
             loss.append(float(loss_fn(logits_s, target)) if target is not None else float("nan"))
-    finally:
-        model.train(training)
     return LensProfile(np.asarray(kl), np.asarray(loss))

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from reslab.diagnostics.common import flat
 from reslab.diagnostics.recorder import record, trunk_of
+from reslab.evaluation import eval_mode
+from reslab.residuals.base import GATE_MIX
 
 
 @dataclass
@@ -30,10 +32,8 @@ class GateProfile:
 
 
 def check_gates(model: nn.Module) -> None:
-    """Raise ``ValueError`` (one line) unless ``model``'s scheme has highway gates."""
-    from reslab.residuals.highway import GatedScheme
-
-    if not isinstance(trunk_of(model).scheme, GatedScheme):
+    """Raise ``ValueError`` (one line) unless ``model``'s scheme has highway gates (``mix_shape`` is a gate)."""
+    if trunk_of(model).scheme.capabilities.mix_shape != GATE_MIX:
         raise ValueError(f"scheme {trunk_of(model).scheme.name!r} has no highway gates to measure")
 
 
@@ -45,11 +45,8 @@ def gate_profile(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, bins:
     language models (targets ``(N, T)``, each token's gate row goes to the class of its next token).
     """
     check_gates(model)
-    training = model.training
-    model.eval()
-    with record(model, names=("mix",)) as rec:
+    with eval_mode(model), record(model, names=("mix",)) as rec:
         model(x)
-    model.train(training)
     edges = np.linspace(0, 1, bins + 1)
     means, hists, per_class = [], [], []
     targets = y.reshape(-1)  # one target per row of flat(): per sample, or per token for (N, T) targets

@@ -37,7 +37,6 @@ from torch import Tensor, nn
 
 from reslab.losses import loss_fn
 from reslab.residuals.base import AdditiveScheme, ResidualScheme
-from reslab.residuals.plain import Plain
 from reslab.trunk import Trunk
 
 __all__ = ["PathProfile", "analyse_paths", "binomial_length_distribution", "binomial_path_counts",
@@ -142,9 +141,9 @@ def binomial_length_distribution(n: int) -> np.ndarray:
 # --- the linearised trunk ---------------------------------------------------------------------------
 def _check_trunk(trunk: Trunk) -> None:
     scheme = trunk.scheme
-    if not isinstance(scheme, (AdditiveScheme, Plain)):
-        raise ValueError(f"path analysis needs an additive scheme; {scheme.name or type(scheme).__name__} is not")
     caps = scheme.capabilities
+    if not (isinstance(scheme, AdditiveScheme) or not caps.skip_path):
+        raise ValueError(f"path analysis needs an additive scheme; {scheme.name or type(scheme).__name__} is not")
     overridden = [m for m in ("begin", "end") if getattr(type(scheme), m) is not getattr(ResidualScheme, m)]
     if caps.multi_stream or caps.keeps_history or overridden:
         raise ValueError(f"path analysis needs a single-stream additive scheme; {scheme.name} is not")
@@ -176,7 +175,7 @@ class _Linearised:
         net.recorder = None
         net.double().eval().requires_grad_(False)
         self.trunk, self.scheme = net, net.scheme
-        self.plain = isinstance(net.scheme, Plain)
+        self.plain = not net.scheme.capabilities.skip_path  # each branch replaces the stream
         self.post_identity = net.scheme.post_op == "none" and net.scheme.post_norms is None
         self.batched = True
         self.blocks: list[_Block] = []

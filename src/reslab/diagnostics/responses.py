@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from reslab.diagnostics.common import channel_dim
 from reslab.diagnostics.recorder import record
+from reslab.evaluation import eval_mode
 
 
 @dataclass
@@ -41,12 +42,9 @@ def response_magnitudes(model: nn.Module, x: Tensor, batch_size: int = 500) -> R
         t = t.movedim(d, -1).reshape(-1, t.shape[d]).double()
         return torch.stack([t.sum(0), (t * t).sum(0), torch.full_like(t[0], t.shape[0])])[None]
 
-    training = model.training
-    model.eval()
-    with record(model, names=("branch_out",), reduce=moments) as rec:
+    with eval_mode(model), record(model, names=("branch_out",), reduce=moments) as rec:
         for i in range(0, len(x), batch_size):
             model(x[i:i + batch_size])
-    model.train(training)
     stds = []
     for m in rec.get("branch_out"):
         s, s2, n = m.sum(0)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from reslab.diagnostics.common import flat
 from reslab.diagnostics.recorder import record
+from reslab.evaluation import eval_mode
 
 
 @dataclass
@@ -36,11 +37,8 @@ class StreamProfile:
 @torch.no_grad()
 def stream_profile(model: nn.Module, x: Tensor) -> StreamProfile:
     """Stream norms and contribution shares of ``model`` (eval mode) on ``x`` (one batch)."""
-    training = model.training
-    model.eval()
-    with record(model, names=("resid_pre", "contribution", "final")) as rec:
+    with eval_mode(model), record(model, names=("resid_pre", "contribution", "final")) as rec:
         model(x)
-    model.train(training)
     final = flat(rec.get("final")[0]).double()
     streams = [flat(t).double() for t in rec.get("resid_pre")] + [final]
     norm = np.asarray([float(s.norm(dim=1).mean()) for s in streams])

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from reslab.diagnostics.recorder import trunk_of
+from reslab.evaluation import eval_mode
 from reslab.losses import loss_fn
 
 PLACES = ("output", "stream")
@@ -53,33 +54,31 @@ def update_sizes(model: nn.Module, x: Tensor, y: Tensor, lr: float = 1e-3, optim
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     if at not in PLACES:
         raise ValueError(f"at must be one of {', '.join(PLACES)}, got {at!r}")
-    training = model.training
-    model.eval()
-    trunk = trunk_of(model)
-    params = dict(model.named_parameters())
-    names = list(params)
-    grads = torch.autograd.grad(loss_fn(model(x), y), [params[n] for n in names], allow_unused=True)
-    steps = {n: (g if optimizer == "sgd" else g / (g.abs() + 1e-8))
-             for n, g in zip(names, grads) if g is not None}
-    with torch.no_grad():
-        if at == "output":
-            def f(new: dict[str, Tensor]) -> Tensor:
-                return functional_call(model, new, (x,), strict=False)
-        else:  # the trunk's output from the (unchanged) stem's: what the head reads
-            h0 = model.stem(x)
+    with eval_mode(model):
+        trunk = trunk_of(model)
+        params = dict(model.named_parameters())
+        names = list(params)
+        grads = torch.autograd.grad(loss_fn(model(x), y), [params[n] for n in names], allow_unused=True)
+        steps = {n: (g if optimizer == "sgd" else g / (g.abs() + 1e-8))
+                 for n, g in zip(names, grads) if g is not None}
+        with torch.no_grad():
+            if at == "output":
+                def f(new: dict[str, Tensor]) -> Tensor:
+                    return functional_call(model, new, (x,), strict=False)
+            else:  # the trunk's output from the (unchanged) stem's: what the head reads
+                h0 = model.stem(x)
 
-            def f(new: dict[str, Tensor]) -> Tensor:
-                return functional_call(model.trunk, {n.removeprefix("trunk."): p for n, p in new.items()}, (h0,),
-                                       strict=False)
-        f0 = f({})
-        owner = {id(p): i for i, b in enumerate(trunk.branches) for p in b.parameters()}
-        blocks: list[dict[str, Tensor]] = [{} for _ in trunk.branches]
-        for n, step in steps.items():
-            if id(params[n]) in owner:
-                blocks[owner[id(params[n])]][n] = params[n] - lr * step
-        sizes = [float((f(new) - f0).norm() / f0.norm()) for new in blocks]
-        whole = float((f({k: v for new in blocks for k, v in new.items()}) - f0).norm() / f0.norm())
-    model.train(training)
+                def f(new: dict[str, Tensor]) -> Tensor:
+                    return functional_call(model.trunk, {n.removeprefix("trunk."): p for n, p in new.items()}, (h0,),
+                                           strict=False)
+            f0 = f({})
+            owner = {id(p): i for i, b in enumerate(trunk.branches) for p in b.parameters()}
+            blocks: list[dict[str, Tensor]] = [{} for _ in trunk.branches]
+            for n, step in steps.items():
+                if id(params[n]) in owner:
+                    blocks[owner[id(params[n])]][n] = params[n] - lr * step
+            sizes = [float((f(new) - f0).norm() / f0.norm()) for new in blocks]
+            whole = float((f({k: v for new in blocks for k, v in new.items()}) - f0).norm() / f0.norm())
     return UpdateSizes(np.asarray(sizes), whole)
 
 

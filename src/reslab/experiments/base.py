@@ -125,6 +125,23 @@ def differs(name: str, a: Sequence[float], b: Sequence[float], expect: str, floo
     return {"check": name, "difference": diff, "se": se, "margin": margin, "passed": bool(passed)}
 
 
+def split_id(rid: str, prefix: str, *fields: tuple[str, type]) -> tuple[Any, ...]:
+    """A claim's run id read back: ``prefix``, a name (dashes allowed), then ``-TAGvalue`` per field, e.g.
+    ``split_id("lrs-scaled-b8-lr0.1-s2", "lrs-", ("b", int), ("lr", float), ("s", int)) == ("scaled", 8, 0.1, 2)``.
+
+    Raises:
+        ValueError: one line, for an id not of that form.
+    """
+    parts = rid.removeprefix(prefix).rsplit("-", len(fields)) if rid.startswith(prefix) else []
+    if len(parts) == len(fields) + 1 and parts[0] and all(p.startswith(t) for p, (t, _) in zip(parts[1:], fields)):
+        try:
+            return (parts[0], *(cast(p[len(t):]) for p, (t, cast) in zip(parts[1:], fields)))
+        except ValueError:
+            pass
+    form = prefix + "NAME" + "".join(f"-{t}{cast.__name__.upper()}" for t, cast in fields)
+    raise ValueError(f"run id {rid!r} is not of the form {form}")
+
+
 def pooled_se(a: Sequence[float], b: Sequence[float]) -> float:
     """The standard error of ``mean(b) - mean(a)`` for two independent groups of seeds (0 with a single seed)."""
     if min(len(a), len(b)) < 2:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from reslab import runs
-from reslab.experiments.base import Claim, ClaimResult, Context, differs, register_claim
+from reslab.experiments.base import Claim, ClaimResult, Context, differs, register_claim, split_id
 from reslab.report.plots import integer_axis, legend_below, new_figure
 from reslab.train import TrainConfig
 
@@ -93,8 +93,7 @@ def _final(run: Path) -> dict[str, Any]:
 
 def parse_id(rid: str) -> tuple[str, int, int]:
     """``residual-zero-init-d56-s2`` -> ``("residual-zero-init", 56, 2)``."""
-    variant, depth, seed = rid.rsplit("-", 2)
-    return variant, int(depth[1:]), int(seed[1:])
+    return split_id(rid, "", ("d", int), ("s", int))
 
 
 def analyse(ctx: Context) -> ClaimResult:

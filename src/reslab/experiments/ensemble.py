@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from reslab.diagnostics.lesion import LesionResult, deletable, lesion_study
 from reslab.diagnostics.recorder import record, sample_norms, trunk_of
 from reslab.diagnostics.responses import response_magnitudes
+from reslab.evaluation import eval_mode
 from reslab.experiments import degradation
 from reslab.experiments.base import (CIFAR_EPOCHS, Claim, ClaimResult, Context, ablation, check, conv_setting,
                                      eval_batch, load_trained, register_claim)
@@ -113,12 +114,9 @@ def relative_sizes(model: nn.Module, x: Tensor, batch_size: int = 500) -> np.nda
     def norms(name: str, i: int, t: Tensor) -> Tensor:
         return sample_norms(scheme.skip(t, i) if name == "resid_pre" else t)
 
-    training = model.training
-    model.eval()
-    with record(model, names=("resid_pre", "branch_out"), reduce=norms) as rec:
+    with eval_mode(model), record(model, names=("resid_pre", "branch_out"), reduce=norms) as rec:
         for i in range(0, len(x), batch_size):
             model(x[i:i + batch_size])
-    model.train(training)
     return np.asarray([float((f.double() / s.double().clamp_min(1e-12)).mean())
                        for f, s in zip(rec.get("branch_out"), rec.get("resid_pre"))])
 

@@ -56,7 +56,7 @@ from reslab import runs
 from reslab.data import load_dataset
 from reslab.diagnostics.update_size import update_sizes
 from reslab.experiments.base import (Claim, ClaimResult, Context, ablation, check, differs, eval_batch, initial_model,
-                                     load_trained, register_claim, verdict_of)
+                                     load_trained, register_claim, split_id, verdict_of)
 from reslab.report.plots import legend_below, log_axis, new_figure, series_styles
 from reslab.train import TrainConfig
 
@@ -87,8 +87,7 @@ def run_id(scheme: str, blocks: int, lr: float, seed: int) -> str:
 
 def parse_id(rid: str) -> tuple[str, int, float, int]:
     """``"lrs-scaled-b8-lr0.1-s2"`` -> ``("scaled", 8, 0.1, 2)``."""
-    scheme, blocks, lr, seed = rid.removeprefix("lrs-").rsplit("-", 3)
-    return scheme, int(blocks[1:]), float(lr[2:]), int(seed[1:])
+    return split_id(rid, "lrs-", ("b", int), ("lr", float), ("s", int))
 
 
 def _config(scheme: str, blocks: int, lr: float, seed: int, p: dict[str, Any]) -> TrainConfig:

@@ -66,13 +66,13 @@ from scipy.stats import spearmanr
 
 from reslab.data import load_dataset
 from reslab.diagnostics.recorder import record, trunk_of
+from reslab.evaluation import eval_mode
 from reslab.experiments import ensemble
 from reslab.experiments.base import (CIFAR_EPOCHS, Claim, ClaimResult, Context, ablation, check, conv_setting, differs,
                                      initial_model, load_trained, mean_sd, pooled_se, register_claim, run_measures,
                                      verdict_of)
 from reslab.report.plots import integer_axis, legend_below, log_axis, new_figure, series_styles
-from reslab.residuals.base import ParameterFreeSkip
-from reslab.residuals.highway import GatedScheme
+from reslab.residuals.base import GATE_MIX, ParameterFreeSkip
 from reslab.train import TrainConfig
 
 #: depth of part 1 (options) and of part 2 (multiplicative shortcuts), seeds, epochs. quick and full share the
@@ -370,13 +370,12 @@ def path_gains(model: torch.nn.Module, x: torch.Tensor) -> tuple[np.ndarray, np.
         model(x)
     streams, gates = rec.get("resid_pre"), rec.by_depth("mix", len(trunk))
     outs, adds = rec.get("branch_out"), rec.get("contribution")
-    training = scheme.training
-    scheme.eval()
+    gated = scheme.capabilities.mix_shape == GATE_MIX
     skip = []
-    for i, (xi, spec) in enumerate(zip(streams, scheme.specs)):
-        s = (1.0 - gates[i]) * scheme.shortcut(i, xi) if isinstance(scheme, GatedScheme) else scheme.skip(xi, i)
-        skip.append(_ratio(s, ParameterFreeSkip(spec)(xi)))
-    scheme.train(training)
+    with eval_mode(scheme):
+        for i, (xi, spec) in enumerate(zip(streams, scheme.specs)):
+            s = (1.0 - gates[i]) * scheme.shortcut(i, xi) if gated else scheme.skip(xi, i)
+            skip.append(_ratio(s, ParameterFreeSkip(spec)(xi)))
     branch = [_ratio(c, o) for c, o in zip(adds, outs)] if adds else [1.0] * len(streams)
     return np.asarray(skip), np.asarray(branch)
 

@@ -32,7 +32,7 @@ from reslab import runs
 from reslab.diagnostics.gradients import gradient_profile
 from reslab.diagnostics.recorder import record
 from reslab.experiments.base import (Claim, ClaimResult, Context, ablation, check, differs, eval_batch,
-                                     load_trained, register_claim, verdict_of)
+                                     load_trained, register_claim, split_id, verdict_of)
 from reslab.report.plots import count, integer_axis, legend_below, log_axis, new_figure, series_styles
 from reslab.train import TrainConfig
 
@@ -88,12 +88,9 @@ def run_id(scheme: str, layers: int, seed: int, share: int = 1) -> str:
 def parse_trend_id(rid: str) -> tuple[str, int, int, int]:
     """``lm-block_attnres-L6-s1-1of4`` -> ``("block_attnres", 6, 1, 4)``; share 1 for a run of the profile's own
     budget (``lm-block_attnres-L6-s1``)."""
-    _, rest = rid.split("-", 1)
-    share = 1
-    if (m := re.fullmatch(r"(.+)-1of(\d+)", rest)) is not None:
-        rest, share = m.group(1), int(m.group(2))
-    scheme, layers, seed = rest.rsplit("-", 2)
-    return scheme, int(layers[1:]), int(seed[1:]), share
+    if re.fullmatch(r".+-1of\d+", rid):
+        return split_id(rid, "lm-", ("L", int), ("s", int), ("1of", int))
+    return (*split_id(rid, "lm-", ("L", int), ("s", int)), 1)
 
 
 def parse_id(rid: str) -> tuple[str, int, int]:

@@ -33,6 +33,10 @@ from reslab.shortcuts import ZeroPadShortcut, make_shortcut
 Tap = Callable[[str, int, Tensor], None]
 
 
+#: ``mix_shape`` of a gate per entry of the branch output (:class:`Capabilities`)
+GATE_MIX = ("N", "*branch_out")
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a scheme supports, checked when it is built.
@@ -45,6 +49,10 @@ class Capabilities:
         mix_shape: the shape of what it emits on the ``mix`` tap, by axis name (``None`` with no ``mix`` tap): a
             first axis ``"N"`` is the batch (one entry per sample: a recorder joins batches along it), else the
             tensor is parameter-shaped, the same for every sample (a recorder keeps it once per forward pass).
+            :data:`GATE_MIX` is a gate ``T`` in [0, 1] per entry of the branch output, weighing the skip path by
+            ``1 - T`` (highway networks and the gated shortcuts of He et al. 2016).
+        skip_path: a skip path runs around each branch; ``False``: each branch's output replaces the stream (the
+            plain twin), ``y = finish(F(x))``.
         uses_shortcut: combines through a shortcut object, so a shortcut option applies.
         owns_shortcut: builds its own skip projection; no shortcut option may be given.
         reorder: blocks of identical shapes may run in another order (:meth:`reslab.trunk.Trunk.set_order`); not
@@ -65,6 +73,7 @@ class Capabilities:
     needs_roles: tuple[str, ...] = ()
     family_only: bool = False
     mix_shape: tuple[str, ...] | None = None
+    skip_path: bool = True
 
     @property
     def mix_per_forward(self) -> bool:

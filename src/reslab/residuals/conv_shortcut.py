@@ -21,9 +21,7 @@ class ConvShortcut(AdditiveScheme):
 
     def __init__(self, specs, **kw) -> None:
         super().__init__(specs, **kw)
-        self.projections = nn.ModuleList(
-            nn.Conv2d(s.in_dim, s.out_dim, 1, stride=s.stride, bias=False) if s.layout == "conv"
-            else nn.Linear(s.in_dim, s.out_dim, bias=False) for s in self.specs)
+        self.projections = nn.ModuleList(s.pointwise() for s in self.specs)
 
     def skip(self, state: Tensor, i: int) -> Tensor:
         return self.projections[i](state)

@@ -21,15 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from reslab.branch import BranchSpec
-from reslab.residuals.base import Capabilities, ResidualScheme, Tap, register_residual
+from reslab.residuals.base import GATE_MIX, Capabilities, ResidualScheme, Tap, register_residual
 
 
 def _gate(spec: BranchSpec, bias: float) -> nn.Module:
-    g: nn.Module
-    if spec.layout == "conv":
-        g = nn.Conv2d(spec.in_dim, spec.out_dim, 1, stride=spec.stride, bias=True)
-    else:
-        g = nn.Linear(spec.in_dim, spec.out_dim, bias=True)
+    g = spec.pointwise(bias=True)
     nn.init.constant_(g.bias, bias)
     return g
 
@@ -37,7 +33,7 @@ def _gate(spec: BranchSpec, bias: float) -> nn.Module:
 class GatedScheme(ResidualScheme):
     """``y = post(s(T) * shortcut(x) + b(T) * F(x))`` with ``T = sigmoid(gate(x))``."""
 
-    capabilities = Capabilities(exposes_mixing=True, mix_shape=("N", "*branch_out"))  # the gate T per output entry
+    capabilities = Capabilities(exposes_mixing=True, mix_shape=GATE_MIX)
     gate_branch = True
     gate_skip = True
     default_bias = -2.0

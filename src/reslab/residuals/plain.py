@@ -17,7 +17,7 @@ from reslab.residuals.base import Capabilities, ParameterFreeSkip, ResidualSchem
 class Plain(ResidualScheme):
     """``x_{l+1} = post(F_l(x_l))``: every branch replaces the stream."""
 
-    capabilities = Capabilities(uses_shortcut=False)
+    capabilities = Capabilities(uses_shortcut=False, skip_path=False)
 
     def __init__(self, specs, **kw) -> None:
         super().__init__(specs, **kw)
