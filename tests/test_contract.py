@@ -84,6 +84,15 @@ def test_every_parameter_gets_a_gradient(family, scheme):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_state_dict_holds_tensors_only(family, scheme):
+    """A reslab checkpoint holds tensors only (``runs.load_checkpoint`` refuses anything else in a model's state):
+    a scheme keeps whatever it saves (flags included) as tensors, not as ``get_extra_state`` objects."""
+    state = build(family, scheme).state_dict()
+    assert all(torch.is_tensor(v) for v in state.values()), [k for k, v in state.items() if not torch.is_tensor(v)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_same_seed_same_model(family, scheme):
     outs = []
     for _ in range(2):

@@ -246,7 +246,8 @@ def test_analyse_paths_on_model():
 
 
 ADDITIVE = [r for r in reslab.list_residuals() if issubclass(residual_class(r), AdditiveScheme)
-            and not residual_class(r).capabilities.needs_roles]  # the tiny net's branches have no roles
+            and not residual_class(r).capabilities.needs_roles  # the tiny net's branches have no roles
+            and residual_class(r).begin is AdditiveScheme.begin]  # refused: a begin of its own (Peri-LN's N_e)
 
 
 @pytest.mark.parametrize("residual", ADDITIVE)

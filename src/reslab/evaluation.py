@@ -1,4 +1,5 @@
-"""What training and every diagnostic share when they evaluate a model: eval mode for a while, and the error count.
+"""What training, the schemes and every diagnostic share when they run a model aside: eval mode for a while, the
+model given back as it was (mode and buffers), and the error count.
 
     errors(z, y) = #{n : argmax_c z_n[c] != y_n}
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import torch
 from torch import Tensor, nn
 
 
@@ -23,6 +25,20 @@ def eval_mode(model: nn.Module, mode: bool = False) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was)
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Run in the model's current mode and give back every buffer (BatchNorm statistics) and the mode after."""
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    training = model.training
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(buffers[k])
+        model.train(training)
 
 
 def errors(logits: Tensor, y: Tensor) -> Tensor:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from reslab import distributed, footprint, runs
 from reslab.data import Dataset, load_dataset
+from reslab.evaluation import errors, eval_mode
 from reslab.losses import loss_fn
 from reslab.models import ResidualNet, create_model, parse_model_name
 
@@ -281,15 +282,12 @@ def check_compatible(cfg: TrainConfig, data: Dataset, model: ResidualNet, device
                 "features": "real-valued inputs (mnist1d, digits, cifar10, cifar100)"}
         raise ValueError(f"model {cfg.model!r} reads {what[fam.inputs]}, but dataset {cfg.data!r} gives "
                          f"{what[data.inputs]}")
-    was = model.training
     try:
-        with torch.no_grad():
-            model.eval()(data.prepare(data.x_train[:2], train=False).to(device))
+        with torch.no_grad(), eval_mode(model):
+            model(data.prepare(data.x_train[:2], train=False).to(device))
     except RuntimeError as e:
         raise ValueError(f"model {cfg.model!r} cannot read dataset {cfg.data!r}: "
                          f"{str(e).strip().splitlines()[0]}") from None
-    finally:
-        model.train(was)
 
 
 def build_model(cfg: TrainConfig, data: Dataset) -> ResidualNet:
@@ -332,16 +330,14 @@ def evaluate(model: nn.Module, data: Dataset, x: Tensor, y: Tensor, batch_size: 
              amp: bool = False) -> dict[str, float]:
     """Mean cross-entropy (nats) and error rate of ``model`` on ``(x, y)`` in eval mode, per target: one per
     sample for classifiers, one per token for language models (targets ``(N, T)``, logits ``(N, T, V)``)."""
-    was_training = model.training
-    model.eval()
     loss_sum, wrong = 0.0, 0
-    for i in range(0, len(y), batch_size):
-        xb, yb = data.prepare(x[i:i + batch_size], train=False), y[i:i + batch_size]
-        with _autocast(xb.device, amp):
-            logits = model(xb)
-        loss_sum += loss_fn(logits, yb, reduction="sum").item()
-        wrong += (logits.argmax(-1) != yb).sum().item()
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(y), batch_size):
+            xb, yb = data.prepare(x[i:i + batch_size], train=False), y[i:i + batch_size]
+            with _autocast(xb.device, amp):
+                logits = model(xb)
+            loss_sum += loss_fn(logits, yb, reduction="sum").item()
+            wrong += errors(logits, yb).item()
     n = max(1, y.numel())
     return {"loss": loss_sum / n, "error": wrong / n}
 
@@ -418,9 +414,9 @@ def _batch_loss(logits: Tensor, yb: Tensor, targets: int,
     """
     if ctx is None:
         loss = loss_fn(logits, yb)
-        return loss, loss.detach(), (logits.detach().argmax(-1) != yb).sum()
+        return loss, loss.detach(), errors(logits, yb)
     local = loss_fn(logits, yb, reduction="sum")
-    wrong = (logits.detach().argmax(-1) != yb).sum()
+    wrong = errors(logits, yb)
     total = distributed.all_sum(torch.stack([local.detach().double(), wrong.double()]))
     return local * (ctx.world / targets), (total[0] / targets).float(), total[1].round().long()
 
@@ -474,11 +470,19 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, data: Dataset
                 env["distributed_backend"] = ctx.backend
             runs.write_json(stored, {"train": cfg.to_dict(), "model": model.config})
             runs.write_json(out / "env.json", env)
+        # data-dependent initialisation (Admin's profiling pass): every module's init_from_batch(model, x) sees the
+        # run's first batch size of training inputs, unaugmented, on every rank the same, before the first step
+        first = data.prepare(x_tr[:cfg.batch_size], train=False)
+        for m in list(model.modules()):
+            if callable(getattr(m, "init_from_batch", None)):
+                m.init_from_batch(model, first)
         torch.manual_seed(cfg.seed)
     if main:
         runs.write_json(out / "result.json", {"status": "running", "epoch": start_epoch})
     net = model if ctx is None else distributed.wrap(model, device, find_unused)
     forward = torch.compile(net, dynamic=False) if cfg.compile else net  # shares model's parameters
+    # every module's after_optimizer_step() runs after each optimiser step, on every rank (nGPT's unit-norm weights)
+    after_step = [m.after_optimizer_step for m in model.modules() if callable(getattr(m, "after_optimizer_step", None))]
 
     x_te, y_te = data.x_test.to(device), data.y_test.to(device)
     board = None
@@ -521,6 +525,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, data: Dataset
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                for hook in after_step:
+                    hook()
                 loss_sum += mean * targets
                 wrong += batch_wrong
                 bar.update(1)

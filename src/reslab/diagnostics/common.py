@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -21,20 +19,6 @@ def flat(t: Tensor) -> Tensor:
     """One row per sample: ``(N, C, H, W) -> (N, CHW)``, ``(N, d)`` as it is; token streams ``(N, T, d)`` give one
     row per token, ``(N * T, d)`` (the unit in which transformer stream norms are stated)."""
     return t.reshape(-1, t.shape[-1]) if t.dim() == 3 else t.reshape(t.shape[0], -1)
-
-
-@contextlib.contextmanager
-def preserved(model: nn.Module) -> Iterator[None]:
-    """Run in the model's current mode and give back every buffer (BatchNorm statistics) and the mode after."""
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    training = model.training
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                v.copy_(buffers[k])
-        model.train(training)
 
 
 @torch.no_grad()

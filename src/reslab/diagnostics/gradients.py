@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor, nn
 
-from reslab.diagnostics.common import preserved
 from reslab.diagnostics.recorder import record, trunk_of
+from reslab.evaluation import preserved
 from reslab.losses import loss_fn
 
 
