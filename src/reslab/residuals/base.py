@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from reslab.branch import BranchSpec
+from reslab.branch import BranchSpec, layer_of
 from reslab.norms import NORM_TYPES
 from reslab.shortcuts import ZeroPadShortcut, make_shortcut
 
@@ -263,7 +263,23 @@ class ResidualScheme(nn.Module):
 
     def extra_repr(self) -> str:
         norm = "" if self.norm_placement == "none" else f", norm={self.norm_placement} ({self.norm_type})"
-        return f"branches={len(self.specs)}, shortcut={self.shortcut_option}{norm}"
+        drop = getattr(self, "drop_path", 0.0)
+        drop = f", drop_path={drop:g} ({self.drop_path_spread}, {self.drop_path_mode})" if drop else ""
+        return f"branches={len(self.specs)}, shortcut={self.shortcut_option}{norm}{drop}"
+
+
+DROP_PATH_MODES = ("row", "batch")
+DROP_PATH_SPREADS = ("timm", "linear")
+
+
+def drop_rates(rate: float, layers: int, spread: str) -> list[float]:
+    """Drop probability of each layer ``l = 0..L-1`` under stochastic depth with final rate ``rate``:
+    ``"timm"``: ``linspace(0, rate, L)`` (timm's ``drop_path_rate``: the first layer is never dropped);
+    ``"linear"``: Huang et al. 2016's survival rule ``p_l = 1 - (l/L)(1 - p_L)`` for ``l = 1..L``, ``p_L = 1 - rate``,
+    i.e. drop ``(l/L) rate`` (the first layer drops ``rate / L``)."""
+    if spread == "timm":
+        return [rate * l / (layers - 1) if layers > 1 else 0.0 for l in range(layers)]
+    return [rate * (l + 1) / layers for l in range(layers)]
 
 
 class AdditiveScheme(ResidualScheme):
@@ -272,7 +288,48 @@ class AdditiveScheme(ResidualScheme):
     Subclasses override :meth:`skip` (the skip path, which is also what a lesion leaves) and
     :meth:`contribution` (what is actually added from the branch). ``finish_i`` is the post operation and
     post norm (:meth:`ResidualScheme.finish`); a sandwich norm applies to the branch output first.
+
+    Stochastic depth (every additive scheme; Huang et al. 2016, arXiv 1603.09382; timm's ``DropPath``): in training,
+    branch ``i``'s contribution is kept with probability ``1 - d_l`` (``l`` its layer: a residual block, or a
+    transformer layer's two sublayers together) and divided by it,
+    ``y = finish(skip(x) + m c / (1 - d_l))``, ``m ~ Bernoulli(1 - d_l)`` per sample (``"row"``, timm) or for the whole
+    batch (``"batch"``, Huang et al.); in eval mode ``y = finish(skip(x) + c)``, the expectation of the training
+    output (Huang et al. scale by ``p_l`` at test time instead, the same in expectation; dividing in training keeps
+    the eval model the deterministic net every diagnostic reads). A dropped branch is still computed (its term is
+    multiplied by zero), so its parameters stay in the graph with a zero gradient (DDP needs no unused-parameter
+    search).
+
+    Args:
+        drop_path: the final layer's drop probability ``d_L`` in ``[0, 1)`` (0: off).
+        drop_path_spread: ``"timm"`` (``linspace(0, d_L, L)``) or ``"linear"`` (Huang et al.'s survival rule).
+        drop_path_mode: ``"row"`` (per sample) or ``"batch"``.
     """
+
+    def __init__(self, specs: Sequence[BranchSpec], drop_path: float = 0.0, drop_path_spread: str = "timm",
+                 drop_path_mode: str = "row", **kw: Any) -> None:
+        super().__init__(specs, **kw)
+        if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) or not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"{self.name}: drop_path must be a probability in [0, 1), got {drop_path!r}")
+        if drop_path_spread not in DROP_PATH_SPREADS:
+            raise ValueError(f"{self.name}: drop_path_spread must be one of {', '.join(DROP_PATH_SPREADS)}, "
+                             f"got {drop_path_spread!r}")
+        if drop_path_mode not in DROP_PATH_MODES:
+            raise ValueError(f"{self.name}: drop_path_mode must be one of {', '.join(DROP_PATH_MODES)}, "
+                             f"got {drop_path_mode!r}")
+        self.drop_path, self.drop_path_spread, self.drop_path_mode = float(drop_path), drop_path_spread, drop_path_mode
+        layer = layer_of(self.specs)
+        rates = drop_rates(self.drop_path, layer[-1] + 1, drop_path_spread)
+        #: drop probability of each branch (its layer's)
+        self.drop_rates = tuple(rates[k] for k in layer)
+
+    def dropped(self, c: Tensor, i: int) -> Tensor:
+        """Branch ``i``'s term under stochastic depth: ``m c / (1 - d)`` in training, ``c`` in eval mode."""
+        d = self.drop_rates[i] if self.drop_path else 0.0
+        if not (self.training and d > 0.0):
+            return c
+        shape = (c.shape[0],) + (1,) * (c.dim() - 1) if self.drop_path_mode == "row" else (1,) * c.dim()
+        keep = torch.empty(shape, dtype=c.dtype, device=c.device).bernoulli_(1.0 - d)
+        return c * keep.div_(1.0 - d)
 
     def contribution(self, out: Tensor, h: Tensor, i: int) -> Tensor:
         return out
@@ -286,7 +343,7 @@ class AdditiveScheme(ResidualScheme):
         raise NotImplementedError(f"residual scheme {self.name!r} states no equation")
 
     def write(self, state: Tensor, i: int, out: Tensor, h: Tensor, tap: Tap | None = None) -> Tensor:
-        c = self.contribution(self.norm_out(i, out), h, i)
+        c = self.dropped(self.contribution(self.norm_out(i, out), h, i), i)
         if tap is not None:
             tap("contribution", i, c)
         return self.finish(i, self.skip(state, i) + c)
