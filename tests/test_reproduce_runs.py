@@ -149,3 +149,16 @@ def test_reproduce_with_a_budget_runs_both_and_reports_the_agreement(tmp_path, c
     code = main(["reproduce", "--profile", "smoke", "--only", "growth", "--budget", "3", "--out", str(out / "budget-2"),
                  "--quiet"])
     assert code == 2 and "at budget 2, not 'smoke' at budget 1" in capsys.readouterr().err
+
+
+def test_a_claim_with_nothing_left_to_train_runs_with_a_pool_size_above_one(tmp_path, capsys):
+    """A claim without training runs (growth: measured at initialisation), or a rerun with every run done, under
+    ``--jobs 2``: no pool is started for no jobs (it used to fail with "Number of processes must be at least 1")."""
+    from reslab.engine import run_jobs
+
+    assert run_jobs([], "local", workers=2) == []
+    out = tmp_path / "out"
+    for _ in range(2):  # the second time over the same folder
+        main(["reproduce", "--only", "growth", "--profile", "smoke", "--out", str(out), "--jobs", "2",
+              "--quiet"])
+    assert "growth:" in capsys.readouterr().out

@@ -135,6 +135,8 @@ def run_jobs(jobs: Sequence[Job], backend: str = "local", workers: int | None = 
         outcomes.append(o)
         done(o)
 
+    if not jobs:  # nothing to run (a claim without training runs, a rerun with every run done): no pool to start
+        return outcomes
     if backend == "ray":
         _run_ray(jobs, workers, address, cpus_per_run, gpus_per_run, start, finish)
         return outcomes
