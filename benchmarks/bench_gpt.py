@@ -45,7 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench_gpt -->", "<!-- /bench_gpt -->"
 VOCAB, CTX, LAYERS = 128, 128, 12
 SCHEMES = ["postln", "sandwich", "deepnorm", "rezero", "layerscale", "skipinit", "scaled", "value_residual",
-           "attnres", "stacked attnres", "block_attnres", "naive block_attnres", "hc", "mhc", "denseformer"]
+           "attnres", "stacked attnres", "block_attnres", "naive block_attnres", "hc", "mhc", "denseformer",
+           "periln", "mixln", "lnscaling", "preln+dyt", "preln+droppath", "laurel", "laurel_pa", "resi_dual", "admin",
+           "ngpt", "mudd", "frac"]
+#: a scheme with options, by the name the tables give it: (scheme, residual kwargs, family kwargs)
+VARIANTS = {"preln+dyt": ("preln", {"norm_type": "dyt"}, {"final_norm": "dyt"}),
+            "preln+droppath": ("preln", {"drop_path": 0.1}, {})}
 #: step time / Pre-LN's, per (scheme, width)
 TARGETS = {("block_attnres", 256): 1.05, ("block_attnres", 512): 1.10}
 #: saved activations / Pre-LN's, at every width
@@ -295,7 +300,11 @@ def run_width(d: int, args: argparse.Namespace, lines: list[str]) -> None:
     nets: dict[str, nn.Module] = {"preln": gpt("preln", d)}
     schemes = args.schemes or SCHEMES
     for s in schemes:
-        nets[s] = reference(s, d) if " " in s else gpt(s, d)
+        if s in VARIANTS:
+            scheme, rkw, fkw = VARIANTS[s]
+            nets[s] = gpt(scheme, d, residual_kwargs=rkw, **fkw)
+        else:
+            nets[s] = reference(s, d) if " " in s else gpt(s, d)
     checks = []
     for ref, ours in (("naive block_attnres", "block_attnres"), ("stacked attnres", "attnres")):
         if {ref, ours} <= set(nets):

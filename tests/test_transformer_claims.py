@@ -28,12 +28,15 @@ def test_budget_plan_is_equal_for_every_scheme():
     plan = transformers.plan("quick")
     p = transformers.PROFILE["quick"]
     assert len(plan) == len(transformers.SCHEMES) * len(p["depths"]) * len(p["seeds"])
-    budgets = {(c.epochs, c.batch_size, c.train_samples, c.lr, c.warmup_steps, c.data, str(c.model_kwargs))
-               for c in plan.values()}
+    budgets = {(c.epochs, c.batch_size, c.train_samples, c.lr, c.weight_decay, c.warmup_steps, c.data,
+                c.model_kwargs["d_model"], c.model_kwargs["n_heads"]) for c in plan.values()}
     assert len(budgets) == 1  # same tokens, optimiser, schedule and widths for every scheme
     for rid, cfg in plan.items():
-        scheme, layers, seed = transformers.parse_id(rid)
-        assert (cfg.residual, cfg.model, cfg.seed) == (scheme, f"gpt{layers}", seed)
+        name, layers, seed = transformers.parse_id(rid)
+        design = transformers.SCHEMES[transformers.LABELS[name]]
+        assert (cfg.residual, cfg.residual_kwargs, cfg.model, cfg.seed) == (design.scheme, design.kwargs,
+                                                                             f"gpt{layers}", seed)
+        assert {k: v for k, v in cfg.model_kwargs.items() if k not in ("d_model", "n_heads")} == design.model
     assert dilution.CLAIM.runs("quick").keys() == plan.keys()  # the two claims share their runs
 
 

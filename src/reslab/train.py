@@ -41,7 +41,7 @@ from reslab import distributed, footprint, runs
 from reslab.data import Dataset, load_dataset
 from reslab.evaluation import errors, eval_mode
 from reslab.losses import loss_fn
-from reslab.models import ResidualNet, create_model, parse_model_name
+from reslab.models import ResidualNet, create_model, init_from_batch, parse_model_name
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
@@ -472,10 +472,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, data: Dataset
             runs.write_json(out / "env.json", env)
         # data-dependent initialisation (Admin's profiling pass): every module's init_from_batch(model, x) sees the
         # run's first batch size of training inputs, unaugmented, on every rank the same, before the first step
-        first = data.prepare(x_tr[:cfg.batch_size], train=False)
-        for m in list(model.modules()):
-            if callable(getattr(m, "init_from_batch", None)):
-                m.init_from_batch(model, first)
+        init_from_batch(model, data.prepare(x_tr[:cfg.batch_size], train=False))
         torch.manual_seed(cfg.seed)
     if main:
         runs.write_json(out / "result.json", {"status": "running", "epoch": start_epoch})

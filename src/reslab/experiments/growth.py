@@ -23,6 +23,7 @@ from torch import nn
 import reslab
 from reslab.branch import BranchSpec
 from reslab.diagnostics.recorder import record
+from reslab.models import init_from_batch
 from reslab.experiments.base import Claim, ClaimResult, Context, check, eval_batch, register_claim, verdict_of
 from reslab.report.plots import integer_axis, legend_below, log_axis, new_figure, series_styles
 from reslab.residuals import create_residual
@@ -34,7 +35,8 @@ GPT = {"smoke": dict(depths=(1, 2), d=32, ctx=32, batch=4, seeds=2),
        "quick": dict(depths=(2, 4, 8, 16), d=128, ctx=64, batch=8, seeds=3),
        "full": dict(depths=(2, 4, 8, 16, 32, 64), d=256, ctx=128, batch=16, seeds=5)}
 NORMAL = dict(scaled_out_init=False)
-# label -> (scheme, residual kwargs, family kwargs, expected behaviour: "grows" | "flat" | "bounded" | "reference")
+# label -> (scheme, residual kwargs, family kwargs, expected behaviour: "grows" | "flat" | "bounded" | "slower" |
+# "reference"); "slower": sub-linear, less than half Pre-LN's ratio (LayerNorm-Scaling's 1/sqrt(l): increments ~ 1/l)
 SCHEMES = {
     "Pre-LN": ("preln", {}, NORMAL, "grows"),
     "Post-LN": ("postln", {}, NORMAL, "flat"),
@@ -48,6 +50,18 @@ SCHEMES = {
     "HC": ("hc", {}, NORMAL, "reference"),
     "mHC": ("mhc", {}, NORMAL, "reference"),
     "DenseFormer": ("denseformer", {}, NORMAL, "reference"),
+    # the 2024-26 designs (REFERENCE.md section 14)
+    "LN-Scaling": ("lnscaling", {}, NORMAL, "slower"),
+    "ResiDual": ("resi_dual", {}, NORMAL, "bounded"),
+    "Admin": ("admin", {}, NORMAL, "bounded"),
+    "nGPT residual": ("ngpt", {}, NORMAL, "bounded"),
+    "Peri-LN": ("periln", {}, NORMAL, "reference"),
+    "Mix-LN": ("mixln", {}, NORMAL, "reference"),
+    "Pre-LN + DyT": ("preln", {"norm_type": "dyt"}, dict(NORMAL, final_norm="dyt"), "reference"),
+    "LAuReL (RW+LR)": ("laurel", {}, NORMAL, "reference"),
+    "LAuReL (RW+LR+PA)": ("laurel_pa", {}, NORMAL, "reference"),
+    "MUDD": ("mudd", {}, NORMAL, "reference"),
+    "Frac-connections": ("frac", {}, NORMAL, "reference"),
 }
 BOUNDED_RATIO = 2.0  # "bounded": less than a doubling of E||x_final||^2 over an 8x deeper model (linear: up to 8x)
 DATA = "pydoc"
@@ -88,7 +102,9 @@ def gpt_profile(scheme: str, residual_kwargs: dict, family_kwargs: dict, depth: 
     """``E||x_l||^2 / d`` per token at the input of every sublayer and at the trunk's output."""
     torch.manual_seed(seed)
     m = reslab.create_model("gpt", scheme, depth=depth, num_classes=vocab, input_shape=(x.shape[1],), d_model=d,
-                            n_heads=max(1, d // 32), residual_kwargs=residual_kwargs, **family_kwargs).eval()
+                            n_heads=max(1, d // 32), residual_kwargs=residual_kwargs, **family_kwargs)
+    init_from_batch(m, x)  # what a fresh training run does before its first step (Admin's profiling)
+    m.eval()
     with record(m, names=("resid_pre", "final")) as rec:
         m(x)
     return np.asarray([float(t.double().pow(2).mean()) for t in rec.get("resid_pre") + rec.get("final")])
@@ -156,6 +172,9 @@ def analyse(ctx: Context) -> ClaimResult:
         if expect == "bounded":
             checks.append(check(f"GPT, {lab}: bounded (R <= {BOUNDED_RATIO} while Pre-LN's is "
                                 f"{ratio['Pre-LN']:.1f})", ratio[lab], ratio[lab] <= BOUNDED_RATIO))
+        elif expect == "slower":
+            checks.append(check(f"GPT, {lab}: grows sub-linearly (R above 1 and below half Pre-LN's "
+                                f"{ratio['Pre-LN']:.1f})", ratio[lab], 1.0 < ratio[lab] < ratio["Pre-LN"] / 2))
     for lab in SCHEMES:
         table.append({"setting": f"GPT d={gs['d']}, {lo_d}-{hi_d} layers", "scheme": lab,
                       "growth_ratio_R": ratio[lab],
@@ -167,7 +186,14 @@ def analyse(ctx: Context) -> ClaimResult:
                f"{gs['seeds']} seeds, pydoc tokens), growth ratio R of E||x_final||^2 from {lo_d} to {hi_d} layers: "
                + ", ".join(f"{lab} {ratio[lab]:.2f}" for lab in SCHEMES)
                + ". GPT-2's 1/sqrt(2L) output init is itself a fix: it keeps Pre-LN's output energy independent of "
-               "depth at initialisation. HC, mHC and DenseFormer start as Pre-LN, so they grow like it at init.")
+               "depth at initialisation. HC, mHC and DenseFormer start as Pre-LN, so they grow like it at init. Of the "
+               "2024-26 designs, LN-Scaling's 1/sqrt(l) makes each layer add ~1/l (logarithmic growth); ResiDual, "
+               "Admin and nGPT renormalise what they output; Peri-LN's output norm makes each sublayer add ~1 "
+               "(linear growth from a larger start); Mix-LN's ratio compares a 2-layer Pre-LN model (floor(L/4) = 0 "
+               "Post-LN layers) with a 16-layer one whose first 4 Post-LN layers reset the stream to 1, not a growth; "
+               "MUDD and Frac-connections start as Pre-LN exactly and grow like it; LAuReL's bounded ratio comes "
+               "from its skip weight beta = 1/2 at init (softmax of equal logits), and DyT's from branch outputs "
+               "that stay tiny at this init.")
     return ClaimResult(verdict, summary, checks, table, [_plot(pre, post, prof, gs, ctx)])
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -36,20 +36,46 @@ from reslab.experiments.base import (Claim, ClaimResult, Context, ablation, chec
 from reslab.report.plots import count, integer_axis, legend_below, log_axis, new_figure, series_styles
 from reslab.train import TrainConfig
 
-# label -> (scheme, residual kwargs)
-SCHEMES: dict[str, tuple[str, dict]] = {
-    "Pre-LN": ("preln", {}),
-    "Post-LN": ("postln", {}),
-    "ReZero": ("rezero", {}),
-    "DeepNorm": ("deepnorm", {}),
-    "LayerScale": ("layerscale", {}),
-    "Full AttnRes": ("attnres", {}),
-    "Block AttnRes": ("block_attnres", {"block_size": 4}),
-    "HC": ("hc", {}),
-    "mHC": ("mhc", {}),
-    "DenseFormer": ("denseformer", {}),
+class Design(NamedTuple):
+    """One design of the comparison: its run name (the scheme's own, but for a variant of a scheme), the scheme,
+    its residual kwargs and the GPT family kwargs it changes (DyT replaces the head's norm too)."""
+
+    name: str
+    scheme: str
+    kwargs: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+
+
+def _design(scheme: str, **kw: Any) -> Design:
+    return Design(scheme, scheme, kw)
+
+
+SCHEMES: dict[str, Design] = {
+    "Pre-LN": _design("preln"),
+    "Post-LN": _design("postln"),
+    "ReZero": _design("rezero"),
+    "DeepNorm": _design("deepnorm"),
+    "LayerScale": _design("layerscale"),
+    "Full AttnRes": _design("attnres"),
+    "Block AttnRes": _design("block_attnres", block_size=4),
+    "HC": _design("hc"),
+    "mHC": _design("mhc"),
+    "DenseFormer": _design("denseformer"),
+    # the 2024-26 designs (REFERENCE.md section 14), each at its paper's defaults, on the same recipe
+    "Pre-LN + DropPath 0.1": Design("preln_droppath", "preln", {"drop_path": 0.1}),
+    "Pre-LN + DyT": Design("preln_dyt", "preln", {"norm_type": "dyt"}, {"final_norm": "dyt"}),
+    "Peri-LN": _design("periln"),
+    "Mix-LN": _design("mixln"),
+    "LN-Scaling": _design("lnscaling"),
+    "LAuReL (RW+LR)": _design("laurel"),
+    "LAuReL (RW+LR+PA)": _design("laurel_pa"),
+    "ResiDual": _design("resi_dual"),
+    "Admin": _design("admin"),
+    "nGPT residual": _design("ngpt"),
+    "MUDD": _design("mudd"),
+    "Frac-connections": _design("frac"),
 }
-LABELS = {scheme: label for label, (scheme, _) in SCHEMES.items()}
+LABELS = {d.name: label for label, d in SCHEMES.items()}
 PROFILE = {
     "smoke": dict(depths=(1, 2), seeds=(0,), d=16, heads=2, ctx=16, batch=8, samples=64, warmup=2, corpus="pydoc"),
     "quick": dict(depths=(2, 4), seeds=(0, 1, 2), d=32, heads=2, ctx=32, batch=32, samples=4800, warmup=20,
@@ -98,23 +124,24 @@ def parse_id(rid: str) -> tuple[str, int, int]:
     return parse_trend_id(rid)[:3]
 
 
-def _config(scheme: str, layers: int, seed: int, p: dict, share: int = 1) -> TrainConfig:
-    """One run of profile ``p`` on ``1/share`` of its training windows: one pass, the cosine schedule over the run,
-    the warm-up the same share of it (``round(warmup / share)`` steps, at least one)."""
-    kw = next(kw for s, kw in SCHEMES.values() if s == scheme)
+def _config(name: str, layers: int, seed: int, p: dict, share: int = 1) -> TrainConfig:
+    """One run of design ``name`` in profile ``p`` on ``1/share`` of its training windows: one pass, the cosine
+    schedule over the run, the warm-up the same share of it (``round(warmup / share)`` steps, at least one)."""
+    design = next(d for d in SCHEMES.values() if d.name == name)
     warmup = p["warmup"] if share == 1 or not p["warmup"] else max(1, round(p["warmup"] / share))
     return TrainConfig(
-        model=f"gpt{layers}", residual=scheme, residual_kwargs=dict(kw),
-        model_kwargs=dict(d_model=p["d"], n_heads=p["heads"]), data=f"{p['corpus']}:{p['ctx']}", epochs=1,
-        batch_size=p["batch"], train_samples=p["samples"] if share == 1 else p["samples"] // share, optimizer="adamw",
-        lr=LR, weight_decay=0.1, schedule="cosine", warmup_steps=warmup, seed=seed, eval_train=False)
+        model=f"gpt{layers}", residual=design.scheme, residual_kwargs=dict(design.kwargs),
+        model_kwargs=dict(d_model=p["d"], n_heads=p["heads"], **design.model), data=f"{p['corpus']}:{p['ctx']}",
+        epochs=1, batch_size=p["batch"], train_samples=p["samples"] if share == 1 else p["samples"] // share,
+        optimizer="adamw", lr=LR, weight_decay=0.1, schedule="cosine", warmup_steps=warmup, seed=seed,
+        eval_train=False)
 
 
 def plan(profile: str) -> dict[str, TrainConfig]:
     """Every scheme at every depth and seed of ``profile``, on its training windows (shared with dilution)."""
     p = PROFILE[profile]
     return {run_id(scheme, layers, seed): _config(scheme, layers, seed, p)
-            for scheme, _ in SCHEMES.values() for layers in p["depths"] for seed in p["seeds"]}
+            for scheme in LABELS for layers in p["depths"] for seed in p["seeds"]}
 
 
 def trend_plan(profile: str) -> dict[str, TrainConfig]:
@@ -285,6 +312,7 @@ def analyse(ctx: Context) -> ClaimResult:
             diverged = sum(m[run_id(s, L, sd)]["status"] != "completed" for sd in seeds)
             table.append({"scheme": label, "layers": L, "validation loss (bits/char)": float(np.nanmean(v)),
                           "sd over seeds (bits/char)": float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0,
+                          "gap to Pre-LN (bits/char)": float(np.nanmean(v) - np.nanmean(bpc[("preln", L)])),
                           "diverged runs": diverged})
     pre = bpc[("preln", deep)]
     checks = [differs(f"{deep} layers: {LABELS[s]} reaches a lower validation bpc than Pre-LN", pre, bpc[(s, deep)],
@@ -390,7 +418,7 @@ def _steps(ctx: Context) -> int:
 
 
 def _plot_bpc(bpc: dict, depths: tuple, ctx: Context) -> str:
-    fig, ax = new_figure(1, width=7, height=4.4)
+    fig, ax = new_figure(1, width=max(7.0, 0.5 * len(LABELS)), height=4.4)
     w = 0.8 / len(depths)
     names = list(LABELS)
     for j, L in enumerate(depths):

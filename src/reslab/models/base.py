@@ -189,6 +189,15 @@ def create_model(name: str, residual: str | None = None, shortcut: str | None = 
     return ResidualNet(parts.stem, Trunk(parts.branches, scheme), parts.head, config)
 
 
+def init_from_batch(model: nn.Module, x: Tensor) -> None:
+    """Data-dependent initialisation: every module of ``model`` that defines ``init_from_batch(model, x)`` gets it
+    with the batch ``x`` (Admin's profiling pass). The training loop runs it once on a fresh run's first batch, and
+    every measurement "at initialisation" should too."""
+    for m in list(model.modules()):
+        if callable(getattr(m, "init_from_batch", None)):
+            m.init_from_batch(model, x)
+
+
 def plain_twin(model: ResidualNet) -> ResidualNet:
     """The same architecture with ``residual="plain"``: identical branches, no skip path.
 

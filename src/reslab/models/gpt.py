@@ -62,7 +62,8 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention, ``proj(softmax(q k^T / sqrt(d_h) + causal) v)``.
 
     ``value_mix``, when given (by the value-residual scheme, per forward pass), maps this layer's values
-    ``(N, T, d)`` to the values attention uses.
+    ``(N, T, d)`` to the values attention uses. ``key_input`` / ``value_input``, when given (by MUDD connections,
+    per forward pass), are what keys and values are computed from (default ``x``, which queries always read).
     """
 
     role = "attn"
@@ -75,9 +76,16 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d, d, bias=bias)
         self.rotary = [rotary]  # shared by every layer; a list keeps it out of this module's parameters
 
-    def forward(self, x: Tensor, value_mix: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, value_mix: Callable[[Tensor], Tensor] | None = None,
+                key_input: Tensor | None = None, value_input: Tensor | None = None) -> Tensor:
         n, t, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=-1)
+        if key_input is None and value_input is None:
+            q, k, v = self.qkv(x).split(d, dim=-1)
+        else:  # keys and values read their own inputs (MUDD's key and value ways); queries read x
+            b = (None,) * 3 if self.qkv.bias is None else self.qkv.bias.split(d)
+            q, k, v = (F.linear(z, w, bz) for z, w, bz in zip(
+                (x, x if key_input is None else key_input, x if value_input is None else value_input),
+                self.qkv.weight.split(d), b))
         if value_mix is not None:
             v = value_mix(v)
         q, k, v = (z.view(n, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
