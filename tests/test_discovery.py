@@ -80,3 +80,17 @@ def test_a_new_additive_scheme_gets_every_generic_test_and_a_wrong_equation_fail
     assert right.returncode == 0 and " passed" in right.stdout and "failed" not in right.stdout, right.stdout[-2000:]
     assert wrong.returncode == 1, wrong.stdout[-2000:]
     assert "FAILED test_contract.py::test_the_trunk_follows_the_stated_equation" in wrong.stdout
+
+
+def test_imports_go_down_the_layers():
+    """Schemes, the trunk and every diagnostic load without the training loop or the claims above them (a diagnostic
+    that loads a trained model reads it through ``reslab.config``)."""
+    code = ("import sys, pkgutil, importlib, reslab.diagnostics as d, reslab.residuals as r\n"
+            "for pkg in (d, r):\n"
+            "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+            "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
+            "import reslab.config\n"
+            "print(sorted(m for m in sys.modules if m in ('reslab.train', 'reslab.experiments', 'reslab.report')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

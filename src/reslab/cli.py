@@ -214,7 +214,7 @@ def _recipes_epilog() -> str:
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     """The run's config: the stored one (``--resume`` without ``--model``) or the family's recipe, with every
     option given on the command line on top; an option that would have no effect is refused."""
-    from reslab.train import TrainConfig, read_run_config
+    from reslab.config import TrainConfig, read_run_config
 
     given = {k: v for k, v in vars(args).items()
              if v is not None and k not in ("command", "out", "resume", "quiet", "tensorboard")}

@@ -307,7 +307,7 @@ def diagnose(run_dir: Path | str, what: Sequence[str] | None = None, samples: in
             for the run's scheme or family (checked before anything is measured or written).
     """
     from reslab.data import load_dataset
-    from reslab.train import load_model
+    from reslab.config import load_model
 
     say = echo or (lambda line: None)
     explicit = what is not None

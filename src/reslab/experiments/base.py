@@ -214,7 +214,7 @@ CIFAR_EPOCHS = 164
 
 def load_trained(ctx: "Context", rid: str) -> tuple[Any, TrainConfig]:
     """The trained model of run ``rid`` (eval mode, CPU) and its config."""
-    from reslab.train import load_model
+    from reslab.config import load_model
 
     model, cfg = load_model(ctx.run(rid))
     return model.eval(), cfg
@@ -366,7 +366,7 @@ def check_reuse(claims: Sequence[Claim], profile: str, root: Path, budget: int =
     Raises:
         ValueError: one line naming the folder and what differs.
     """
-    from reslab.train import config_mismatch
+    from reslab.config import config_mismatch
 
     if (root / "sweep.json").exists():
         raise ValueError(f"{root} holds a sweep (sweep.json): write this reproduction to another --out")
