@@ -19,8 +19,10 @@ from matplotlib.axes import Axes  # noqa: E402
 from reslab import runs  # noqa: E402
 
 # Twelve colours, markers and line styles: twelve series differ in colour and marker, neighbours also in line style;
-# beyond twelve the styles repeat with a dotted line. Every axes of :func:`new_figure` cycles through the colours and
-# line styles (no markers, which would clutter dense curves); :func:`series_styles` adds the markers.
+# series 13-24 reuse the colours with hollow markers of another shape and a dotted line, so that no two of 24
+# series share colour, marker shape and fill (a claim comparing 23 designs). Every axes of :func:`new_figure` cycles
+# through the colours and line styles (no markers, which would clutter dense curves); :func:`series_styles` adds the
+# markers.
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf", "#000000", "#b8860b"]
 MARKERS = ["o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p"]
@@ -34,10 +36,11 @@ def series_styles(labels: Iterable[str]) -> dict[str, dict[str, Any]]:
     """A fixed style (colour, marker, line style) per label, in order: pass the same labels to every panel and
     figure of a claim so that one series looks the same everywhere."""
     out = {}
+    n = len(STYLES)
     for i, label in enumerate(labels):
-        style = dict(STYLES[i % len(STYLES)])
-        if i >= len(STYLES):
-            style["linestyle"] = LINESTYLES[3]
+        style = dict(STYLES[i % n])
+        if i >= n:
+            style.update(marker=MARKERS[(i + n // 2) % n], markerfacecolor="none", linestyle=LINESTYLES[3])
         out[label] = style
     return out
 
