@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from reslab.branch import BranchSpec
 from reslab.norms import NORM_TYPES
 from reslab.residuals.base import Capabilities, ResidualScheme, Tap, register_residual
-from reslab.residuals.hyper import Coefs, MultiStreamScheme, Streams, _positive_int
+from reslab.residuals.hyper import Coefs, MultiStreamScheme, Streams, _positive_int, site_mixing
 
 
 class FracConnection(nn.Module):
@@ -82,13 +82,7 @@ class FracConnection(nn.Module):
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """``([Y | A], B)``: ``(..., m, 2m)`` and ``(..., m)``."""
-        tokens = h.shape[:-2]
-        alpha, beta = self.static_alpha.expand(*tokens, -1, -1), self.static_beta.expand(*tokens, -1)
-        if self.dynamic:
-            hn = self.norm(h)
-            alpha = alpha + self.dynamic_alpha_scale * torch.tanh(hn @ self.dynamic_alpha_fn)
-            beta = beta + self.dynamic_beta_scale * torch.tanh(hn @ self.dynamic_beta_fn)
-        return alpha, beta
+        return site_mixing(self, h)
 
 
 @register_residual("frac", paper="Zhu et al. 2025, Frac-Connections: Fractional Extension of Hyper-Connections, "

@@ -235,6 +235,18 @@ class MultiStreamScheme(ResidualScheme):
         return f"{super().extra_repr()}, streams={self.streams}, dynamic={self.dynamic}, reduce={self.reduce}"
 
 
+def site_mixing(site: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+    """A site's static ``(alpha, beta)`` plus, when dynamic, ``s tanh(norm(h) W)`` (Algorithm 2 of Zhu et al.): the
+    rule of hyper-connections' sites and of Frac-connections' (the same parameters, over fractions)."""
+    tokens = h.shape[:-2]
+    alpha, beta = site.static_alpha.expand(*tokens, -1, -1), site.static_beta.expand(*tokens, -1)
+    if site.dynamic:
+        hn = site.norm(h)
+        alpha = alpha + site.dynamic_alpha_scale * torch.tanh(hn @ site.dynamic_alpha_fn)
+        beta = beta + site.dynamic_beta_scale * torch.tanh(hn @ site.dynamic_beta_fn)
+    return alpha, beta
+
+
 class HyperConnection(nn.Module):
     """The (dynamic) hyper-connection of one branch, Algorithm 2 of Zhu et al.: returns ``A_m, A_r, B``."""
 
@@ -253,12 +265,7 @@ class HyperConnection(nn.Module):
             self.dynamic_beta_scale = nn.Parameter(torch.tensor(0.01))  # s_beta
 
     def forward(self, h: Tensor) -> Coefs:
-        tokens = h.shape[:-2]
-        alpha, beta = self.static_alpha.expand(*tokens, -1, -1), self.static_beta.expand(*tokens, -1)
-        if self.dynamic:
-            hn = self.norm(h)
-            alpha = alpha + self.dynamic_alpha_scale * torch.tanh(hn @ self.dynamic_alpha_fn)
-            beta = beta + self.dynamic_beta_scale * torch.tanh(hn @ self.dynamic_beta_fn)
+        alpha, beta = site_mixing(self, h)
         return alpha[..., 0], alpha[..., 1:], beta
 
 
